@@ -1,0 +1,177 @@
+"""MSA2-Net: CSWin encoder + SACM ResNet auxiliary encoder, MSConvBridge, MSADecoder.
+
+Reference: "MSA2-Net: Utilizing Self-Adaptive Convolution Module to Extract Multi-Scale
+Information in Medical Image Segmentation". No official code exists; choices the paper's
+text leaves open are this project's and documented in ``shared/design/msa2net.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .aux_encoder import AuxResNetEncoder
+from .bridge import MSConvBridge
+from .cswin import CSWinEncoder, cswin_checkpoint_filter
+from .decoder import MSADecoder, PlainDecoder
+
+__all__ = ["MSA2Net", "MSA2NET_PRESETS", "create_msa2net", "load_cswin_pretrained"]
+
+logger = logging.getLogger(__name__)
+
+#: Input sides must be multiples of the deepest stride.
+STRIDE = 32
+
+
+class MSA2Net(nn.Module):
+    """2D segmentation network of the MSA2-Net paper.
+
+    Data flow for ``(B, in_channels, H, W)``: CSWin stage ``i`` runs on the previous fused map;
+    the auxiliary SACM ResNet's stage ``i`` is projected (1x1 conv) and added to it
+    (design choice); stages 1-3 pass through the MSConvBridge to the MSADecoder, which
+    climbs from stage 4 to stride 4; a bilinear x4 upsample and a 1x1 head give
+    ``(B, num_classes, H, W)`` logits.
+
+    Args:
+        in_channels: 1 for CT/MRI, 3 for RGB.
+        num_classes: output channels (background included).
+        embed_dim, depths, num_heads, stripe_widths, mlp_ratio, drop_path_rate: CSWin encoder.
+        aux_depths: SACM bottlenecks per auxiliary stage.
+        bridge_depth: bridge blocks per skip.
+        decoder_scales: channel groups of the nested SACM groups.
+        decoder_depth: nested groups per decoder scale.
+        kernel_sizes: SACM candidate kernel sizes.
+        use_sacm: ``False`` gives every SACM the single kernel ``kernel_sizes[0]`` (paper: "w/o SACM").
+        use_aux_encoder: ``False`` drops the auxiliary encoder (paper ablation).
+        use_bridge: ``False`` passes skips unchanged (paper: "w/o MSConvBridge").
+        use_msa_decoder: ``False`` uses a plain U-Net decoder (paper: "w/o MSADecoder").
+        sacm_form: ``"kernel"`` (aggregated kernel, default) or ``"sum"``; same function.
+        norm: MONAI norm name for the convolutional parts.
+
+    Shapes: input ``(B, in_channels, H, W)`` with ``H``, ``W`` positive multiples of 32;
+    output ``(B, num_classes, H, W)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 9,
+        embed_dim: int = 64,
+        depths: Sequence[int] = (1, 2, 21, 1),
+        num_heads: Sequence[int] = (2, 4, 8, 16),
+        stripe_widths: Sequence[int] = (1, 2, 7, 7),
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.1,
+        aux_depths: Sequence[int] = (1, 1, 1, 1),
+        bridge_depth: int = 2,
+        decoder_scales: int = 4,
+        decoder_depth: int = 1,
+        kernel_sizes: Sequence[int] = (3, 5, 7),
+        use_sacm: bool = True,
+        use_aux_encoder: bool = True,
+        use_bridge: bool = True,
+        use_msa_decoder: bool = True,
+        sacm_form: str = "kernel",
+        norm: str | tuple = "batch",
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or num_classes < 1:
+            raise ValueError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}.")
+        self.in_channels, self.num_classes = in_channels, num_classes
+        kernel_sizes = tuple(kernel_sizes) if use_sacm else (tuple(kernel_sizes)[0],)
+        self.encoder = CSWinEncoder(in_channels, embed_dim, depths, num_heads, stripe_widths, mlp_ratio, drop_path_rate)
+        channels = self.encoder.channels
+        self.aux_encoder = self.aux_fuse = None
+        if use_aux_encoder:
+            self.aux_encoder = AuxResNetEncoder(in_channels, channels, aux_depths, kernel_sizes, norm, sacm_form)
+            self.aux_fuse = nn.ModuleList(nn.Conv2d(c, c, 1) for c in channels)
+        self.skip_norms = nn.ModuleList(nn.GroupNorm(1, c) for c in channels)
+        self.bridge = MSConvBridge(channels[:-1], bridge_depth, kernel_sizes, norm, sacm_form) if use_bridge else None
+        self.decoder = (
+            MSADecoder(channels, decoder_scales, decoder_depth, kernel_sizes, norm, sacm_form)
+            if use_msa_decoder
+            else PlainDecoder(channels, norm)
+        )
+        self.head = nn.Conv2d(channels[0], num_classes, 1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ``ValueError`` naming the problem for inputs the network cannot take."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"MSA2Net expects (B, {self.in_channels}, H, W) input, got shape {tuple(x.shape)}.")
+        h, w = x.shape[-2:]
+        if h < STRIDE or w < STRIDE or h % STRIDE or w % STRIDE:
+            raise ValueError(
+                f"MSA2Net input sides must be positive multiples of {STRIDE} (e.g. 224, 256), got {h}x{w}; "
+                "resize or pad the image first."
+            )
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Fused multi-scale features ``(B, C_i, H / 2**(i+2), W / 2**(i+2))`` for ``i = 0..3``."""
+        aux = self.aux_encoder(x) if self.aux_encoder is not None else None
+        feats, y = [], x
+        for i in range(4):
+            y = self.encoder.run_stage(i, self.encoder.enter_stage(i, y))
+            if aux is not None:
+                y = y + self.aux_fuse[i](aux[i])
+            feats.append(y)
+        return [norm(f) for norm, f in zip(self.skip_norms, feats)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():
+            self.check_input(x)
+        feats = self.encode(x)
+        if self.bridge is not None:
+            feats = self.bridge(feats[:-1]) + [feats[-1]]
+        y = self.decoder(feats)
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(y)
+
+
+#: Named sizes. ``paper`` is CSWin-T as in the paper; ``tiny`` is for tests and CPU demos.
+MSA2NET_PRESETS: dict[str, dict] = {
+    "tiny": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8), stripe_widths=(1, 2, 7, 7), bridge_depth=1, drop_path_rate=0.0),
+    "small": dict(embed_dim=32, depths=(1, 2, 6, 1), num_heads=(2, 4, 8, 16), stripe_widths=(1, 2, 7, 7), bridge_depth=2),
+    "paper": dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), stripe_widths=(1, 2, 7, 7), bridge_depth=2),
+}
+
+
+def create_msa2net(
+    preset: str = "paper", in_channels: int = 1, num_classes: int = 9, pretrained_path: str | None = None, **overrides
+) -> MSA2Net:
+    """Build a named preset (``tiny``, ``small``, ``paper``), with keyword overrides.
+
+    ``pretrained_path`` optionally points at a local copy of the public ImageNet CSWin
+    checkpoint; nothing is ever downloaded and random initialisation is the default.
+    """
+    if preset not in MSA2NET_PRESETS:
+        raise ValueError(f"unknown MSA2-Net preset {preset!r}; choose one of {sorted(MSA2NET_PRESETS)}.")
+    net = MSA2Net(in_channels=in_channels, num_classes=num_classes, **{**MSA2NET_PRESETS[preset], **overrides})
+    if pretrained_path:
+        load_cswin_pretrained(net, pretrained_path)
+    return net
+
+
+def load_cswin_pretrained(net: MSA2Net, path: str | Path) -> list[str]:
+    """Load ImageNet CSWin weights from a local file into ``net.encoder``; return the encoder keys left untouched.
+
+    Shapes must match exactly (``paper`` preset for CSWin-T); the file is read with
+    ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: CSWin checkpoint not found (weights are never downloaded).")
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    mapped = cswin_checkpoint_filter(raw, in_channels=net.in_channels)
+    own = net.encoder.state_dict()
+    bad = [k for k, v in mapped.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} CSWin keys do not fit this encoder (first: {bad[0]}); is the preset right?")
+    net.encoder.load_state_dict(mapped, strict=False)
+    missing = sorted(set(own) - set(mapped))
+    logger.info("loaded %d CSWin tensors from %s; %d encoder tensors keep their init", len(mapped), path, len(missing))
+    return missing
