@@ -132,10 +132,12 @@ class MSA2Net(nn.Module):
         return self.head(y)
 
 
-#: Named sizes. ``paper`` is CSWin-T as in the paper; ``tiny`` is for tests and CPU demos.
+#: Named sizes. ``paper`` is CSWin-T as in the paper; ``base`` (about 11 M parameters) is the largest
+#: that ships in half precision under 25 MB; ``tiny`` is for tests and CPU demos.
 MSA2NET_PRESETS: dict[str, dict] = {
     "tiny": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8), stripe_widths=(1, 2, 7, 7), bridge_depth=1, drop_path_rate=0.0),
     "small": dict(embed_dim=32, depths=(1, 2, 6, 1), num_heads=(2, 4, 8, 16), stripe_widths=(1, 2, 7, 7), bridge_depth=2),
+    "base": dict(embed_dim=48, depths=(1, 2, 12, 1), num_heads=(2, 4, 8, 16), stripe_widths=(1, 2, 7, 7), bridge_depth=2),
     "paper": dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), stripe_widths=(1, 2, 7, 7), bridge_depth=2),
 }
 

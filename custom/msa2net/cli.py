@@ -1,0 +1,27 @@
+"""``msa2net`` command line: demo, bundle export, data preparation, synthetic data."""
+
+from __future__ import annotations
+
+import fire
+
+from msa2net.bundle_tools import export_bundle
+from msa2net.data.prepare import main as prepare
+from msa2net.data.synthetic import make_rgb_dataset, make_volume_dataset
+from msa2net.demo import run_demo
+
+
+def main() -> None:
+    fire.Fire(
+        {
+            "demo": run_demo,
+            "export-bundle": export_bundle,
+            "prepare": prepare,
+            "synthetic-volumes": make_volume_dataset,
+            "synthetic-rgb": make_rgb_dataset,
+        },
+        serialize=lambda result: print(result) if isinstance(result, str) else None,
+    )
+
+
+if __name__ == "__main__":
+    main()
