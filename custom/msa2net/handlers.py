@@ -103,3 +103,93 @@ class TrainingLogWriter:
         self._losses = []
         lines = ["epoch,loss,lr,val_metric"] + [f"{r['epoch']},{r['loss']},{r['lr']},{r['val_metric']}" for r in rows]
         atomic_write_text(self.output_file, "\n".join(lines) + "\n")
+
+
+def _is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and a rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)
+
+
+class BestMetricState:
+    """Exposes an evaluator's best key metric and its epoch as a state dict, so resuming keeps them."""
+
+    def __init__(self, evaluator: Engine) -> None:
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict:
+        return {"best_metric": float(self.evaluator.state.best_metric), "best_metric_epoch": int(self.evaluator.state.best_metric_epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+
+
+class BestModelSaver:
+    """Save ``{"model": weights}`` atomically whenever the evaluator's key metric reaches a new best.
+
+    Attach to the evaluator; MONAI's evaluator updates ``best_metric_epoch`` before this runs.
+    """
+
+    def __init__(self, network: torch.nn.Module, output_file: str) -> None:
+        self.network = network
+        self.output_file = output_file
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.best_metric_epoch == engine.state.epoch and _is_main_process():
+            atomic_torch_save({"model": _unwrap(self.network).state_dict()}, self.output_file)
+
+
+class ResumeCheckpoint:
+    """Resumable training: save everything needed after each epoch, reload it when the same run starts again.
+
+    After every completed epoch the objects of ``save_dict`` (model, optimizer, scheduler,
+    best-metric state, ...) and the trainer it is attached to (key ``trainer``) are written
+    atomically to ``checkpoint_file``. When
+    training starts and that file exists, they are restored, so a killed run restarted with
+    the same command continues after its last complete epoch and ends at ``max_epochs``.
+    The file is read with ``weights_only=True``.
+    """
+
+    def __init__(self, checkpoint_file: str, save_dict: dict, map_location=None) -> None:
+        self.checkpoint_file = Path(checkpoint_file)
+        self.save_dict = save_dict
+        self.map_location = map_location
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.resume)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def _objects(self, engine: Engine) -> dict:
+        return {**{k: _unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in self.save_dict.items()}, "trainer": engine}
+
+    def save(self, engine: Engine) -> None:
+        if _is_main_process():
+            atomic_torch_save({k: v.state_dict() for k, v in self._objects(engine).items()}, self.checkpoint_file)
+
+    def resume(self, engine: Engine) -> None:
+        if not self.checkpoint_file.is_file():
+            return
+        state = torch.load(self.checkpoint_file, map_location=self.map_location, weights_only=True)
+        max_epochs = engine.state.max_epochs
+        for key, obj in self._objects(engine).items():
+            obj.load_state_dict(state[key])
+        engine.state.max_epochs = max_epochs
+        engine.logger.info(f"resumed from {self.checkpoint_file} after epoch {engine.state.epoch}")

@@ -1,0 +1,108 @@
+"""Input checks that turn malformed images into one clear error naming the file."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+__all__ = ["InputError", "ValidateImaged"]
+
+
+class InputError(ValueError):
+    """An input the pipeline cannot segment correctly; the message names the file."""
+
+
+def _source(img) -> str:
+    meta = getattr(img, "meta", {}) or {}
+    return str(meta.get("filename_or_obj", "<in-memory image>"))
+
+
+class ValidateImaged(MapTransform):
+    """Refuse images that would give a wrong or meaningless segmentation.
+
+    Checks, after loading and ``EnsureChannelFirstd``: the number of spatial dimensions, the
+    channel count, finite intensities, a usable geometry (finite, non-singular affine with
+    spacing in ``(0, max_spacing]`` mm) and, when ``label_key`` is present, a label with the
+    image's spatial shape. Raises :class:`InputError` ``"<file>: <problem>"``.
+
+    Args:
+        keys: the image key.
+        spatial_dims: 3 for volumes, 2 for images.
+        channels: expected channels.
+        label_key: optional label key to compare shapes with.
+        max_spacing: largest plausible voxel spacing in mm.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int = 3,
+        channels: int = 1,
+        label_key: str | None = "label",
+        max_spacing: float = 1000.0,
+    ) -> None:
+        super().__init__(keys)
+        self.spatial_dims, self.channels = spatial_dims, channels
+        self.label_key, self.max_spacing = label_key, max_spacing
+
+    @staticmethod
+    def _check_nifti_header(src: str, affine) -> None:
+        """MONAI's NIfTI reader replaces a singular header affine by the identity: check the file's own affine."""
+        header_affine = nib.load(src).affine
+        if not np.isfinite(header_affine).all() or abs(np.linalg.det(header_affine[:3, :3])) < 1e-12:
+            raise InputError(f"{src}: the header's affine is singular or not finite.")
+        if affine is not None and not np.allclose(np.asarray(affine, dtype=float), header_affine, atol=1e-4):
+            raise InputError(f"{src}: the affine read ({np.asarray(affine).tolist()}) differs from the header's.")
+
+    def _check(self, img, label) -> None:
+        src = _source(img)
+        if Path(src).is_dir():
+            from msa2net.dicom import check_dicom_series
+
+            check_dicom_series(src)
+        kind = "volume" if self.spatial_dims == 3 else "2D image"
+        shape = tuple(img.shape)
+        if len(shape) - 1 != self.spatial_dims:
+            found = f"{len(shape) - 1}D" if len(shape) - 1 in (2, 3) else f"{len(shape) - 1}-dimensional"
+            raise InputError(f"{src}: expected a {kind}, got a {found} image of shape {shape[1:]} with {shape[0]} channel(s).")
+        if shape[0] != self.channels:
+            raise InputError(
+                f"{src}: expected {self.channels} channel(s), got {shape[0]} (a 4D or multi-channel image? "
+                f"spatial shape {shape[1:]})."
+            )
+        if min(shape[1:]) < 1:
+            raise InputError(f"{src}: empty image of shape {shape[1:]}.")
+        values = torch.as_tensor(img)
+        if not torch.isfinite(values).all():
+            bad = int((~torch.isfinite(values)).sum())
+            raise InputError(f"{src}: {bad} voxel(s) are NaN or infinite.")
+        pixdim = np.asarray((getattr(img, "meta", {}) or {}).get("pixdim", []), dtype=float).ravel()
+        if pixdim.size > self.spatial_dims and (pixdim[1 : 1 + self.spatial_dims] <= 0).any():
+            raise InputError(f"{src}: the header's voxel spacing {pixdim[1 : 1 + self.spatial_dims].tolist()} has zero or negative entries.")
+        if self.spatial_dims == 3 and src.endswith((".nii", ".nii.gz")):
+            self._check_nifti_header(src, getattr(img, "affine", None))
+        affine = getattr(img, "affine", None)
+        if affine is not None and self.spatial_dims == 3:
+            a = np.asarray(affine, dtype=float)
+            spacing = np.linalg.norm(a[:3, :3], axis=0)
+            if not np.isfinite(a).all() or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+                raise InputError(f"{src}: the image geometry (affine) is singular or not finite.")
+            if (spacing <= 0).any() or (spacing > self.max_spacing).any():
+                raise InputError(f"{src}: implausible voxel spacing {np.round(spacing, 6).tolist()} mm.")
+        if label is not None and tuple(label.shape[1:]) != shape[1:]:
+            raise InputError(
+                f"{_source(label)}: label shape {tuple(label.shape[1:])} differs from its image's shape {shape[1:]} ({src})."
+            )
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        label = d.get(self.label_key) if self.label_key else None
+        for key in self.key_iterator(d):
+            self._check(d[key], label)
+        return d

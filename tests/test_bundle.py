@@ -1,0 +1,212 @@
+"""The bundle end to end through the commands users run: training, inference, evaluation, checks, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import BUNDLE, SYNTHETIC, bundle_cmd, shared_data
+from msa2net.bundle_tools import export_bundle
+
+
+def _oblique_affine() -> np.ndarray:
+    a, b = 0.4, -0.25
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rz @ rx @ np.diag([0.8, 1.3, 2.5])
+    aff[:3, 3] = [-12.5, 40.0, 7.25]
+    return aff
+
+
+AFFINES = {
+    "ras": np.diag([0.9, 1.1, 3.0, 1.0]),
+    "lps": np.array([[-0.9, 0, 0, 120.0], [0, -1.1, 0, 80.0], [0, 0, 3.0, -50.0], [0, 0, 0, 1]]),
+    "oblique": _oblique_affine(),
+}
+
+
+def test_training_writes_best_model_resume_state_and_log(trained_tiny):
+    models = trained_tiny / "models"
+    assert (models / "model.pt").is_file() and (models / "resume.pt").is_file()
+    state = torch.load(models / "resume.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 3 * state["trainer"]["epoch_length"]
+    assert set(state) >= {"model", "optimizer", "lr_scheduler", "trainer", "best_metric"}
+    rows = list(csv.DictReader(open(trained_tiny / "eval" / "training_log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(r["val_metric"] != "" for r in rows)
+    assert not list(models.glob(".*tmp")), "no temporary checkpoint left behind"
+
+
+def test_run_id_run_also_trains(volume_dataset, tmp_path):
+    bundle_cmd(
+        "run", ["train.json"], "--dataset_dir", str(volume_dataset), *SYNTHETIC, "--max_epochs", "1",
+        "--val_interval", "1", "--num_workers", "0", "--batch_size", "4", "--slices_per_volume", "2",
+        "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "e"),
+    )
+    assert (tmp_path / "m" / "model.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def geometry_run(trained_tiny, volume_dataset, tmp_path_factory):
+    """Inference on the same synthetic volume stored with RAS, LPS and oblique affines and an odd in-plane size."""
+    src = nib.load(volume_dataset / "imagesTr" / "case_004.nii.gz")
+    data = np.asarray(src.dataobj, dtype=np.float32)[:, 5:60, :]  # 64 x 55 x 12: not the network size
+    inputs = tmp_path_factory.mktemp("geometry_in")
+    for name, aff in AFFINES.items():
+        nib.save(nib.Nifti1Image(data, aff), inputs / f"{name}.nii.gz")
+    out = tmp_path_factory.mktemp("geometry_out")
+    bundle_cmd(
+        "inference", ["inference.json"], "--dataset_dir", str(inputs), "--output_dir", str(out),
+        "--ckpt_path", str(trained_tiny / "models" / "model.pt"), *SYNTHETIC,
+    )
+    return inputs, out
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+def test_output_keeps_input_geometry(geometry_run, name):
+    inputs, out = geometry_run
+    image = nib.load(inputs / f"{name}.nii.gz")
+    seg = nib.load(out / f"{name}_seg.nii.gz")
+    assert seg.shape == image.shape
+    np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
+    np.testing.assert_allclose(seg.header.get_zooms(), image.header.get_zooms(), atol=1e-6)
+    assert seg.get_data_dtype() == np.uint8
+    labels = np.unique(np.asarray(seg.dataobj))
+    assert set(labels.tolist()) <= {0, 1, 2}
+
+
+def test_orientation_does_not_change_the_label_map(geometry_run):
+    """The network sees the stored array in every case, so the three label maps are identical voxel for voxel."""
+    _, out = geometry_run
+    maps = [np.asarray(nib.load(out / f"{n}_seg.nii.gz").dataobj) for n in sorted(AFFINES)]
+    assert all(np.array_equal(maps[0], m) for m in maps[1:])
+
+
+def test_inference_summary_lists_done_cases(geometry_run):
+    _, out = geometry_run
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert len(summary["done"]) == 3 and summary["failed"] == []
+
+
+def test_dicom_series_output_lies_on_the_reference_grid(trained_tiny, tmp_path):
+    series = shared_data("ct", "dicom_series_20")
+    reference = nib.load(shared_data("ct", "dicom_series_20_label_synapse8.nii.gz"))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copytree(series, inputs / "ct_series")
+    bundle_cmd(
+        "inference", ["inference.json"], "--dataset_dir", str(inputs), "--output_dir", str(tmp_path / "out"),
+        "--ckpt_path", str(trained_tiny / "models" / "model.pt"), *SYNTHETIC,
+    )
+    seg = nib.load(tmp_path / "out" / "ct_series_seg.nii.gz")
+    assert seg.shape == reference.shape == (512, 512, 20)
+    # the reference label was written by another reader: same physical grid, possibly another axis order/sign
+    mapping = np.linalg.inv(seg.affine) @ reference.affine
+    np.testing.assert_allclose(mapping, np.round(mapping), atol=1e-4)
+    assert sorted(np.abs(np.round(mapping[:3, :3])).sum(0).tolist()) == [1, 1, 1]
+    np.testing.assert_allclose(np.abs(np.diag(seg.affine)[:3]), [0.9765625, 0.9765625, 2.0], atol=1e-5)
+
+
+def test_evaluating_writes_per_case_csv_and_mean_json(trained_tiny, volume_dataset, tmp_path):
+    bundle_cmd(
+        "evaluating", ["train.json", "evaluate.json"], "--dataset_dir", str(volume_dataset), *SYNTHETIC,
+        "--ckpt_path", str(trained_tiny / "models" / "model.pt"), "--output_dir", str(tmp_path), "--num_workers", "0",
+    )
+    for metric in ("val_mean_dice", "val_hd95"):
+        rows = list(csv.DictReader(open(tmp_path / f"{metric}_raw.csv")))
+        assert len(rows) == 2 and all(r["filename"].endswith(".nii.gz") for r in rows)
+        assert {"class0", "class1", "mean"} <= set(rows[0])
+    summary = json.loads((tmp_path / "metrics_summary.json").read_text())
+    dice = summary["metrics"]["val_mean_dice"]
+    assert summary["num_cases"] == 2 and set(dice["per_class"]) == {"organ_1", "organ_2"}
+    per_case = [float(r["mean"]) for r in csv.DictReader(open(tmp_path / "val_mean_dice_raw.csv"))]
+    assert dice["mean"] == pytest.approx(np.mean(per_case), abs=1e-5)
+    hd95 = summary["metrics"]["val_hd95"]["mean"]
+    assert hd95 is None or hd95 >= 0  # undefined where a barely trained model predicts no foreground
+
+
+def test_2d_rgb_profile_trains_and_segments_png(rgb_dataset, tmp_path):
+    bundle_cmd(
+        "training", ["train.json", "profiles/kvasir.json"], "--dataset_dir", str(rgb_dataset), "--model_preset", "tiny",
+        "--spatial_size", "[64,64]", "--max_epochs", "1", "--num_workers", "0", "--batch_size", "2", "--val_interval", "1",
+        "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "e"),
+    )
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(rgb_dataset / "images" / "case_004.png", inputs)
+    bundle_cmd(
+        "inference", ["inference.json", "profiles/kvasir.json"], "--dataset_dir", str(inputs), "--model_preset", "tiny",
+        "--spatial_size", "[64,64]", "--ckpt_path", str(tmp_path / "m" / "model.pt"), "--output_dir", str(tmp_path / "o"),
+    )
+    src, seg = Image.open(inputs / "case_004.png"), Image.open(tmp_path / "o" / "case_004_seg.png")
+    assert src.size == seg.size == (128, 96) and seg.mode == "L"
+    assert set(np.unique(np.asarray(seg)).tolist()) <= {0, 1}
+
+
+def test_workflow_properties_are_complete(volume_dataset, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    shutil.copy(volume_dataset / "imagesTr" / "case_000.nii.gz", tmp_path)
+    cfg = BUNDLE / "configs"
+    for kind, config, data in (("infer", "inference.json", tmp_path), ("train", "train.json", volume_dataset)):
+        workflow = ConfigWorkflow(
+            config_file=str(cfg / config), meta_file=str(cfg / "metadata.json"), logging_file=str(cfg / "logging.conf"),
+            workflow_type=kind, dataset_dir=str(data), bundle_root=str(BUNDLE), model_preset="tiny",
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], kind
+
+
+def test_verify_metadata_and_network_io():
+    base = [sys.executable, "-m", "monai.bundle"]
+    meta = subprocess.run(
+        [*base, "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "docs/meta_schema.json"],
+        cwd=BUNDLE, capture_output=True, text=True,
+    )
+    assert meta.returncode == 0 and "verified with no error" in meta.stdout + meta.stderr
+    net = subprocess.run(
+        [*base, "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file",
+         "configs/inference.json", "--n", "7", "--model_preset", "tiny"],
+        cwd=BUNDLE, capture_output=True, text=True,
+    )
+    assert net.returncode == 0 and "verified with no error" in net.stdout + net.stderr
+
+
+def test_metadata_schema_rejects_an_incomplete_file(tmp_path):
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    del meta["network_data_format"]
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(tmp_path / "metadata.json"),
+         "--filepath", str(BUNDLE / "docs" / "meta_schema.json")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode != 0 and "network_data_format" in proc.stderr
+
+
+def test_exported_bundle_runs_with_its_own_copy_of_the_code(trained_tiny, volume_dataset, tmp_path):
+    folder = export_bundle(tmp_path / "msa2net_bundle")
+    for part in ("configs/metadata.json", "configs/inference.json", "docs/README.md", "LICENSE", "msa2net/networks/sacm.py"):
+        assert (tmp_path / "msa2net_bundle" / part).is_file(), part
+    where = subprocess.run([sys.executable, "-c", "import msa2net; print(msa2net.__file__)"], cwd=folder, capture_output=True, text=True)
+    assert where.stdout.strip().startswith(folder), where.stdout + where.stderr
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(volume_dataset / "imagesTr" / "case_005.nii.gz", inputs)
+    bundle_cmd(
+        "inference", ["inference.json"], "--dataset_dir", str(inputs), "--output_dir", str(tmp_path / "out"),
+        "--ckpt_path", str(trained_tiny / "models" / "model.pt"), *SYNTHETIC, cwd=tmp_path / "msa2net_bundle",
+    )
+    assert (tmp_path / "out" / "case_005_seg.nii.gz").is_file()
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_bundle(folder)
