@@ -1,0 +1,320 @@
+"""Export a trained checkpoint for deployment: TorchScript, ONNX, and a deploy-ready bundle folder.
+
+* ``torchscript``: ``model.ts`` through MONAI's ``ckpt_export``, with ``metadata.json`` and the
+  config files embedded (``extra/*.json`` in the archive, as the MONAI Deploy App SDK reads them).
+  Scripting is tried first; MSA2-Net does not script (its CSWin blocks use tensor methods
+  TorchScript lacks), so the fallback traces at ``(1, in_channels, *spatial_size)``. While tracing,
+  every SACM runs its batch-agnostic ``sum`` form, so the trace runs at any batch size.
+* ``onnx``: ``model.onnx`` through MONAI's ``onnx_export`` (legacy TorchScript-based exporter,
+  which needs no ``onnxscript``), with a dynamic batch axis on input ``image`` and output ``pred``;
+  the metadata and configs are stored in the model's ``metadata_props``.
+* ``deploy_bundle``: a stand-alone bundle folder (:func:`msa2net.bundle_tools.export_bundle`) plus
+  ``models/model.pt``, ``models/model.ts`` and ``configs/deploy.json`` (profile and overrides, read
+  after ``inference.json``): what the MONAI Deploy application in ``deploy/app`` loads.
+
+Every export is checked before it is reported done: the exported model runs at batch sizes other
+than the one it was exported with and matches the eager network's logits within ``atol``
+(defaults 1e-4 TorchScript, 1e-3 ONNX Runtime); a failed check raises and removes the file.
+
+Command line (``python -m msa2net.export <command> ...``)::
+
+    python -m msa2net.export torchscript --ckpt bundle/models/model.pt --out bundle/models/model.ts
+    python -m msa2net.export onnx --ckpt bundle/models/model.pt --out bundle/models/model.onnx
+    python -m msa2net.export deploy_bundle dist/msa2net_bundle --ckpt bundle/models/model.pt --profile profiles/synapse.json
+
+Extra ``--key value`` flags override config ids (e.g. ``--model_preset tiny``), as in ``monai.bundle``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msa2net.bundle_tools import default_bundle_dir, export_bundle
+
+__all__ = ["torchscript", "onnx", "deploy_bundle", "check_exported", "DEPLOY_CONFIG"]
+
+logger = logging.getLogger(__name__)
+
+#: Config written into a deploy bundle and read after ``inference.json`` by the Deploy application.
+DEPLOY_CONFIG = "deploy.json"
+#: Batch sizes every export is checked at (it is exported at batch 1).
+CHECK_BATCH_SIZES = (2, 3)
+
+
+def _config_paths(bundle_dir: Path, configs: Sequence[str], profile: str | None) -> list[str]:
+    names = list(configs) + ([profile] if profile else [])
+    paths = []
+    for name in names:
+        path = Path(name) if Path(name).is_absolute() else bundle_dir / "configs" / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: bundle config not found.")
+        paths.append(str(path))
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"config files {paths} share a file name; ckpt_export stores each under its name.")
+    return paths
+
+
+@contextmanager
+def _importable(bundle_dir: Path) -> Iterator[None]:
+    """Let the configs import modules shipped in the bundle folder (looked up after installed ones)."""
+    root = str(bundle_dir.resolve())
+    added = root not in sys.path
+    if added:
+        sys.path.append(root)
+    try:
+        yield
+    finally:
+        if added and root in sys.path:
+            sys.path.remove(root)
+
+
+def _parser(bundle_dir: Path, config_files: Sequence[str], overrides: Mapping):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(f=list(config_files))
+    parser.read_meta(f=str(bundle_dir / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(bundle_dir)
+    for k, v in overrides.items():
+        parser[k] = v
+    return parser
+
+
+def _key_in_ckpt(ckpt: str) -> str:
+    """``"model"`` for the bundle's ``{"model": state_dict}`` checkpoints, ``""`` for a bare state dict."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return "model" if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping) else ""
+
+
+def _eager_network(parser, ckpt: str, key: str) -> torch.nn.Module:
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    net.load_state_dict(state[key] if key else state)
+    return net.eval()
+
+
+def _input_shape(parser) -> tuple[int, ...]:
+    return (1, int(parser.get_parsed_content("in_channels")), *(int(s) for s in parser.get_parsed_content("spatial_size")))
+
+
+def check_exported(
+    run, net: torch.nn.Module, input_shape: Sequence[int], atol: float, batch_sizes: Sequence[int] = CHECK_BATCH_SIZES
+) -> float:
+    """Run ``run(x) -> logits`` and the eager ``net`` on random inputs of ``batch_sizes``; return the max abs difference.
+
+    Raises ``AssertionError`` naming the batch size where the difference exceeds ``atol``.
+    """
+    worst = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for b in batch_sizes:
+        x = torch.rand((b, *input_shape[1:]), generator=gen)
+        with torch.no_grad():
+            ref = net(x).float().numpy()
+            out = np.asarray(run(x), dtype=np.float32)
+        if out.shape != ref.shape:
+            raise AssertionError(f"batch {b}: exported model gave shape {out.shape}, eager {ref.shape}.")
+        diff = float(np.abs(out - ref).max())
+        if not diff <= atol:
+            raise AssertionError(f"batch {b}: exported logits differ from eager by {diff:.3g} > {atol:g}.")
+        worst = max(worst, diff)
+    return worst
+
+
+def torchscript(
+    ckpt: str,
+    out: str | None = None,
+    bundle_dir: str | None = None,
+    configs: Sequence[str] = ("inference.json",),
+    profile: str | None = None,
+    mode: str = "auto",
+    atol: float = 1e-4,
+    **overrides,
+) -> str:
+    """Export ``ckpt`` to TorchScript with MONAI's ``ckpt_export``; returns the written path.
+
+    Args:
+        ckpt: checkpoint (``{"model": state_dict}`` as the bundle's trainer saves, or a bare state dict).
+        out: output file (default ``<bundle_dir>/models/model.ts``).
+        bundle_dir: bundle folder holding ``configs/`` (default: this checkout's ``bundle/``).
+        configs: config files under ``configs/`` defining ``network_def``; all are embedded.
+        profile: optional profile under ``configs/`` (e.g. ``profiles/synapse.json``), read last.
+        mode: ``"auto"`` (script, falling back to trace), ``"script"`` or ``"trace"``.
+        atol: tolerance of the check against the eager network.
+        overrides: config ids to override (``model_preset="tiny"``, ...).
+    """
+    from monai.bundle import ckpt_export
+
+    if mode not in ("auto", "script", "trace"):
+        raise ValueError(f"mode must be 'auto', 'script' or 'trace', got {mode!r}.")
+    bundle = Path(bundle_dir) if bundle_dir else default_bundle_dir()
+    files = _config_paths(bundle, configs, profile)
+    out_path = Path(out) if out else bundle / "models" / "model.ts"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    key = _key_in_ckpt(ckpt)
+    with _importable(bundle):
+        parser = _parser(bundle, files, overrides)
+        shape = _input_shape(parser)
+        net = _eager_network(parser, ckpt, key)
+        common = dict(
+            net_id="network_def",
+            filepath=str(out_path),
+            ckpt_file=str(ckpt),
+            meta_file=str(bundle / "configs" / "metadata.json"),
+            config_file=files,
+            key_in_ckpt=key,
+            bundle_root=str(bundle),
+            **overrides,
+        )
+        attempts = {"auto": (False, True), "script": (False,), "trace": (True,)}[mode]
+        for use_trace in attempts:
+            how = "trace" if use_trace else "script"
+            try:
+                ckpt_export(use_trace=use_trace, input_shape=list(shape) if use_trace else None, **common)
+                ts = torch.jit.load(str(out_path), map_location="cpu").eval()
+                diff = check_exported(lambda x, ts=ts: ts(x).numpy(), net, shape, atol)
+            except Exception as err:  # scripting MSA2-Net fails; a failed check must not leave a file behind
+                out_path.unlink(missing_ok=True)
+                if use_trace or mode != "auto":
+                    raise
+                first_line = next((line for line in str(err).splitlines() if line.strip()), "")
+                logger.info("TorchScript scripting failed (%s: %s); tracing at %s", type(err).__name__, first_line[:200], shape)
+                continue
+            logger.info("TorchScript (%s) written to %s; max |diff| vs eager at batch %s: %.2g", how, out_path, CHECK_BATCH_SIZES, diff)
+            return str(out_path)
+    raise RuntimeError("unreachable")  # pragma: no cover
+
+
+def onnx(
+    ckpt: str,
+    out: str | None = None,
+    bundle_dir: str | None = None,
+    configs: Sequence[str] = ("inference.json",),
+    profile: str | None = None,
+    opset: int = 17,
+    atol: float = 1e-3,
+    **overrides,
+) -> str:
+    """Export ``ckpt`` to ONNX with a dynamic batch axis through MONAI's ``onnx_export``; returns the path.
+
+    Input ``image`` ``(batch, in_channels, H, W)``, output ``pred`` ``(batch, num_classes, H, W)``;
+    ``H, W`` are fixed at the config's ``spatial_size``. The bundle metadata and configs are stored in
+    ``metadata_props`` (keys ``metadata.json`` and each config file's name). Checked with ONNX Runtime.
+    """
+    import onnx as onnx_lib
+    import onnxruntime as ort
+    from monai.bundle import onnx_export
+
+    bundle = Path(bundle_dir) if bundle_dir else default_bundle_dir()
+    files = _config_paths(bundle, configs, profile)
+    out_path = Path(out) if out else bundle / "models" / "model.onnx"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    key = _key_in_ckpt(ckpt)
+    with _importable(bundle):
+        parser = _parser(bundle, files, overrides)
+        shape = _input_shape(parser)
+        net = _eager_network(parser, ckpt, key)
+        converter_kwargs = {
+            "dynamo": False,
+            "input_names": ["image"],
+            "output_names": ["pred"],
+            "dynamic_axes": {"image": {0: "batch"}, "pred": {0: "batch"}},
+            "opset_version": int(opset),
+        }
+        try:
+            onnx_export(
+                net_id="network_def",
+                filepath=str(out_path),
+                ckpt_file=str(ckpt),
+                meta_file=str(bundle / "configs" / "metadata.json"),
+                config_file=files,
+                key_in_ckpt=key,
+                use_trace=True,
+                input_shape=list(shape),
+                converter_kwargs=converter_kwargs,
+                bundle_root=str(bundle),
+                **overrides,
+            )
+            model = onnx_lib.load(str(out_path))
+            props = {"metadata.json": json.dumps(parser.get("_meta_"))}
+            props.update({Path(f).name: Path(f).read_text() for f in files})
+            for k, v in props.items():
+                entry = model.metadata_props.add()
+                entry.key, entry.value = k, v
+            onnx_lib.save(model, str(out_path))
+            session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+            diff = check_exported(lambda x: session.run(None, {"image": x.numpy()})[0], net, shape, atol)
+        except Exception:
+            out_path.unlink(missing_ok=True)
+            raise
+    logger.info("ONNX (opset %d) written to %s; max |diff| vs eager at batch %s: %.2g", opset, out_path, CHECK_BATCH_SIZES, diff)
+    return str(out_path)
+
+
+def deploy_bundle(
+    out_dir: str,
+    ckpt: str,
+    profile: str | None = None,
+    bundle_dir: str | None = None,
+    extra_files: Sequence[str] = (),
+    overwrite: bool = False,
+    **overrides,
+) -> str:
+    """Write the bundle folder the MONAI Deploy application loads; returns its path.
+
+    ``out_dir`` gets what :func:`msa2net.bundle_tools.export_bundle` writes (configs, docs, the
+    ``msa2net`` package), ``models/model.pt`` (a copy of ``ckpt``), ``configs/deploy.json`` (the
+    profile's content with ``overrides`` on top; read after ``inference.json``) and ``models/model.ts``
+    exported from ``inference.json`` + ``deploy.json``, both embedded. ``extra_files`` (e.g. a module
+    defining a custom ``network_def``) are copied to the folder's root, which is importable by the configs.
+    """
+    src = Path(bundle_dir) if bundle_dir else default_bundle_dir()
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass overwrite=True to replace it.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        staged = Path(export_bundle(tmp / "bundle", src))
+        for f in extra_files:
+            shutil.copy2(f, staged / Path(f).name)
+        deploy = json.loads((src / "configs" / profile).read_text()) if profile else {}
+        deploy.update(overrides)
+        (staged / "configs" / DEPLOY_CONFIG).write_text(json.dumps(deploy, indent=2) + "\n")
+        (staged / "models").mkdir(exist_ok=True)
+        for stale in ("model.pt", "model.ts", "model.onnx"):
+            (staged / "models" / stale).unlink(missing_ok=True)
+        shutil.copy2(ckpt, staged / "models" / "model.pt")
+        torchscript(str(staged / "models" / "model.pt"), bundle_dir=str(staged), configs=("inference.json", DEPLOY_CONFIG))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("deploy bundle written to %s", out)
+    return str(out)
+
+
+def main() -> None:
+    import fire
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    fire.Fire(
+        {"torchscript": torchscript, "onnx": onnx, "deploy_bundle": deploy_bundle},
+        serialize=lambda result: print(result) if isinstance(result, str) else None,
+    )
+
+
+if __name__ == "__main__":
+    main()

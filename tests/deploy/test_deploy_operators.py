@@ -1,0 +1,195 @@
+"""Unit tests of the Deploy application's checks and helpers (``deploy/app/seg_operators.py``), in process.
+
+Run with the deploy environment: ``.venv-deploy/bin/python -m pytest tests/deploy``; skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("monai.deploy.core", reason="MONAI Deploy App SDK not installed (see bundle/docs/deploy.md)")
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+from deploy_testdata import APP, ROOT, dicom_to_nifti, write_non_image, write_series  # noqa: E402
+
+sys.path.insert(0, str(APP))
+import seg_operators as ops  # noqa: E402
+
+REAL_CT = ROOT.parent / "shared" / "data" / "ct" / "dicom_series_20"
+
+
+def _read(folder: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+
+
+@pytest.fixture(scope="module")
+def ct_series(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ct") / "input"
+    write_series(folder, "CT", shape=(6, 32, 40))
+    return folder
+
+
+def test_check_series_sorts_and_matches_itk_geometry(tmp_path):
+    folder = tmp_path / "mr"
+    write_series(
+        folder, "MR", shape=(5, 36, 40), pixel_spacing=(1.2, 0.8), slice_spacing=6.0,
+        orientation=(0, 1, 0, 0, 0, -1), origin=(30.0, -40.0, 43.0), descending_files=True,
+    )
+    datasets = _read(folder)
+    geometry = ops.check_series(datasets)
+    along = [float(np.dot(datasets[i].ImagePositionPatient, geometry.normal)) for i in geometry.order]
+    assert along == sorted(along)
+    assert geometry.slice_spacing == pytest.approx(6.0)
+    reference = nib.load(dicom_to_nifti(folder, tmp_path / "mr.nii.gz"))
+    # non-square pixels: column 0 must carry the column spacing (0.8), column 1 the row spacing (1.2)
+    np.testing.assert_allclose(geometry.ras_affine(), reference.affine, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(geometry.lps_affine()[:3, :3], axis=0), [0.8, 1.2, 6.0], atol=1e-6)
+
+
+def _duplicate(ds):
+    ds[3].ImagePositionPatient = ds[2].ImagePositionPatient
+
+
+def _orientation(ds):
+    ds[2].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+
+
+def _sop_class(ds):
+    ds[2].SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _multi_frame(ds):
+    ds[1].NumberOfFrames = 2
+
+
+def _no_position(ds):
+    del ds[3].ImagePositionPatient
+
+
+def _spacing(ds):
+    ds[3].PixelSpacing = [0.5, 0.5]
+
+
+def _single_slice(ds):
+    del ds[1:]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_duplicate, "same position"),
+        (_orientation, "mixed orientations"),
+        (_sop_class, "holds SOP class"),
+        (_multi_frame, "multi-frame"),
+        (_no_position, "ImagePositionPatient is missing"),
+        (_spacing, "PixelSpacing differs"),
+        (_single_slice, "at least 2 slices"),
+    ],
+)
+def test_check_series_rejects(ct_series, change, message):
+    datasets = _read(ct_series)
+    change(datasets)
+    with pytest.raises(ops.SeriesGeometryError, match=message):
+        ops.check_series(datasets)
+
+
+def test_check_series_rejects_missing_slice_and_tilt(ct_series):
+    datasets = _read(ct_series)
+    gap = [ds for ds in datasets if int(ds.InstanceNumber) != 3]
+    with pytest.raises(ops.SeriesGeometryError, match="slice spacing is not uniform"):
+        ops.check_series(gap)
+    for k, ds in enumerate(sorted(datasets, key=lambda d: int(d.InstanceNumber))):
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [ipp[0], ipp[1] + 0.5 * k, ipp[2]]  # gantry tilt: y shifts with z
+    with pytest.raises(ops.SeriesGeometryError, match="drift"):
+        ops.check_series(datasets)
+
+
+def test_repair_identifiers_fills_blank_uids_deterministically(ct_series):
+    a, b = _read(ct_series)[:2]
+    meta_uid = str(a.file_meta.MediaStorageSOPInstanceUID)
+    for ds in (a, b):
+        ds.SOPInstanceUID = ds.SOPClassUID = ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
+    notes = ops.repair_identifiers(a)
+    ops.repair_identifiers(b)
+    assert "SOPInstanceUID from file meta" in notes and "SeriesInstanceUID derived" in notes
+    assert str(a.SOPInstanceUID) == meta_uid and str(a.SOPClassUID) == ops.CT_IMAGE_STORAGE
+    assert a.SeriesInstanceUID == b.SeriesInstanceUID and a.StudyInstanceUID == b.StudyInstanceUID
+    for uid in (a.SeriesInstanceUID, a.StudyInstanceUID):
+        assert re.fullmatch(r"[0-9.]{1,64}", str(uid))
+    untouched = _read(ct_series)[0]
+    assert ops.repair_identifiers(untouched) == []
+
+
+def test_loader_groups_series_skips_non_dicom_and_repeated_files(tmp_path, ct_series):
+    from monai.deploy.core import Fragment
+
+    folder = tmp_path / "input"
+    shutil.copytree(ct_series, folder / "ct")
+    first = sorted((folder / "ct").glob("*.dcm"))[0]
+    shutil.copy2(first, folder / "copy_of_first.dcm")
+    (folder / "readme.txt").write_text("not DICOM")
+    write_non_image(folder / "sr", "sr")
+    loader = ops.DICOMFolderLoaderOperator(Fragment(), input_folder=folder, name="loader")
+    studies = loader.load_data_to_studies(folder)
+    series = [s for st in studies for s in st.get_all_series()]
+    counts = sorted((s.Modality, len(s.get_sop_instances())) for s in series)
+    assert counts == [("CT", 6), ("SR", 1)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="no DICOM instance found: 1 file"):
+        loader.load_data_to_studies(empty)
+
+
+@pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"real data not available at {REAL_CT}")
+def test_loader_repairs_the_deidentified_real_series():
+    from monai.deploy.core import Fragment
+
+    loader = ops.DICOMFolderLoaderOperator(Fragment(), input_folder=REAL_CT, name="loader")
+    studies = loader.load_data_to_studies(REAL_CT)
+    (series,) = [s for st in studies for s in st.get_all_series()]
+    instances = [i.get_native_sop_instance() for i in series.get_sop_instances()]
+    assert len(instances) == 20 and series.Modality == "CT"
+    assert {str(ds.SOPInstanceUID) for ds in instances} == {p.name[3:-4] for p in REAL_CT.glob("CT.*.dcm")}
+    geometry = ops.check_series(instances)
+    assert geometry.slice_spacing == pytest.approx(2.0)
+
+
+def test_read_bundle_labels_and_find_bundle(tmp_path):
+    bundle = tmp_path / "models" / "msa2net"
+    (bundle / "configs").mkdir(parents=True)
+    shutil.copy2(ROOT / "bundle" / "configs" / "metadata.json", bundle / "configs")
+    shutil.copy2(ROOT / "bundle" / "configs" / "inference.json", bundle / "configs")
+    info = ops.read_bundle(ops.find_bundle(bundle))
+    assert info.config_names == ["inference"]
+    assert [label.name for label in info.labels] == ["right_ventricle", "myocardium", "left_ventricle"]
+    (bundle / "configs" / "deploy.json").write_text(json.dumps({"class_names": ["liver", "tumour_x"]}))
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta["label_colors"] = {"liver": [1, 2, 3]}
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
+    info = ops.read_bundle(ops.find_bundle(tmp_path / "models"))  # MAP layout: models/<name>/
+    assert info.config_names == ["inference", "deploy"]
+    assert [(label.value, label.name, label.rgb) for label in info.labels] == [(1, "liver", (1, 2, 3)), (2, "tumour_x", ops._PALETTE[1])]
+    assert info.labels[0].code.value == "10200004" and info.labels[1].code.meaning == "Anatomical Structure"
+    with pytest.raises(FileNotFoundError, match="exactly one"):
+        ops.find_bundle(tmp_path)
+
+
+def test_selection_rules_from_environment(tmp_path, monkeypatch):
+    assert json.loads(ops.selection_rules()) == ops.DEFAULT_RULES
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"selections": [{"name": "MR only", "conditions": {"Modality": "MR"}}]}))
+    monkeypatch.setenv("MSA2NET_SELECTION_RULES", str(rules))
+    assert json.loads(ops.selection_rules())["selections"][0]["name"] == "MR only"
+    rules.write_text("{}")
+    with pytest.raises(ValueError, match="selections"):
+        ops.selection_rules()
