@@ -1,9 +1,10 @@
-"""``msa2net`` command line: demo, bundle export, data preparation, synthetic data."""
+"""``msa2net`` command line: demo, bundle and model export, data preparation, synthetic data."""
 
 from __future__ import annotations
 
 import fire
 
+from msa2net import export
 from msa2net.bundle_tools import export_bundle
 from msa2net.data.prepare import main as prepare
 from msa2net.data.synthetic import make_rgb_dataset, make_volume_dataset
@@ -15,6 +16,9 @@ def main() -> None:
         {
             "demo": run_demo,
             "export-bundle": export_bundle,
+            "export-torchscript": export.torchscript,
+            "export-onnx": export.onnx,
+            "deploy-bundle": export.deploy_bundle,
             "prepare": prepare,
             "synthetic-volumes": make_volume_dataset,
             "synthetic-rgb": make_rgb_dataset,

@@ -157,7 +157,7 @@ class SACM(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
+        if not torch.jit.is_tracing() and (x.ndim != 4 or x.shape[1] != self.in_channels):
             raise ValueError(f"SACM expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}.")
         return self.act(self.norm(self.conv(x, self.attention(x))))
 
