@@ -210,3 +210,24 @@ def test_exported_bundle_runs_with_its_own_copy_of_the_code(trained_tiny, volume
     assert (tmp_path / "out" / "case_005_seg.nii.gz").is_file()
     with pytest.raises(FileExistsError, match="already exists"):
         export_bundle(folder)
+
+
+def test_shipped_model_segments_a_real_acdc_volume(tmp_path):
+    """Out of the box: the shipped weights and default configs on a real ACDC volume (validation split)."""
+    weights = BUNDLE / "models" / "model.pt"
+    if not weights.is_file():
+        pytest.skip("no shipped weights in bundle/models")
+    acdc = shared_data("acdc")
+    case = json.loads((acdc / "dataset.json").read_text())["validation"][0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(acdc / case["image"], inputs)
+    bundle_cmd("inference", ["inference.json"], "--dataset_dir", str(inputs), "--output_dir", str(tmp_path / "out"))
+    name = case["image"].split("/")[-1].removesuffix(".nii.gz")
+    seg = nib.load(tmp_path / "out" / f"{name}_seg.nii.gz")
+    ref = nib.load(acdc / case["label"])
+    assert seg.shape == ref.shape
+    np.testing.assert_allclose(seg.affine, nib.load(inputs / case["image"].split("/")[-1]).affine, atol=1e-5)
+    pred, truth = np.asarray(seg.dataobj), np.asarray(ref.dataobj)
+    dice = [2 * ((pred == c) & (truth == c)).sum() / ((pred == c).sum() + (truth == c).sum()) for c in (1, 2, 3)]
+    assert np.mean(dice) > 0.5, dice

@@ -82,7 +82,8 @@ class TrainingLogWriter:
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output
         loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
-        self._losses.append(float(loss))
+        # kept on the device: a float() here would synchronise the GPU every iteration
+        self._losses.append(loss.detach())
 
     def __call__(self, engine: Engine) -> None:
         val = None
@@ -95,7 +96,7 @@ class TrainingLogWriter:
         rows.append(
             {
                 "epoch": engine.state.epoch,
-                "loss": float(np.mean(self._losses)) if self._losses else "",
+                "loss": float(torch.stack(self._losses).float().mean()) if self._losses else "",
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "val_metric": "" if val is None else float(val),
             }

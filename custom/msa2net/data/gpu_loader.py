@@ -1,0 +1,227 @@
+"""Device-resident 2D training loader: all slices on the GPU once, augmentation in batch on the device.
+
+The bundle's CPU path (``train.json``) samples slices and runs RandRotate90d, RandFlipd (two axes) and
+RandRotated per sample in DataLoader workers. On a fast GPU that path, not the network, sets the pace.
+:class:`GPUSliceLoader` takes the *deterministic* part of that pipeline (load, intensity scaling,
+in-plane resize: the bundle's ``CacheDataset`` of ``train#deterministic_transforms``, or any sequence of
+``{"image", "label"}`` dicts), unstacks every 2D slice once into one tensor on the target device (image
+float16 or float32, label uint8) and, per iteration, draws a batch and applies the same random transforms
+as ``train.json`` on the device, for the whole batch at once:
+
+* rot90 by k in {1, 2, 3} quarter turns with probability ``rot90_prob`` (``RandRotate90d(prob=0.5, max_k=3)``);
+* flips along the first and the second spatial axis, each with probability ``flip_prob``
+  (``RandFlipd(spatial_axis=0)``, ``RandFlipd(spatial_axis=1)``);
+* with probability ``rotate_prob`` a rotation by an angle uniform in ``[-rotate_range, rotate_range]``
+  radians, bilinear for the image and nearest for the label, zero padding, same size
+  (``RandRotated(range_x=0.35, prob=0.3, mode=["bilinear", "nearest"], padding_mode="zeros")``),
+  done with ``affine_grid`` + ``grid_sample``.
+
+rot90 and flips are exact index permutations; each random transform is computed for the whole batch and
+kept per sample with ``torch.where``, so no host synchronisation happens per iteration.
+
+It is an iterable with ``__len__`` (iterations per epoch), usable as ``SupervisedTrainer``'s
+``train_data_loader`` (give the trainer ``epoch_length=len(loader)``), and yields
+``{"image": (B, C, H, W) float32, "label": (B, 1, H, W) uint8}`` already on ``device``. It runs on the CPU
+too (``device="cpu"``), which is how it is tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["GPUSliceLoader", "stack_slices"]
+
+
+def _plain(x) -> torch.Tensor:
+    """A plain ``torch.Tensor`` (no MONAI metadata) from a tensor, MetaTensor or array."""
+    if hasattr(x, "as_tensor"):
+        x = x.as_tensor()
+    return torch.as_tensor(x)
+
+
+def stack_slices(
+    dataset: Sequence[dict],
+    image_key: str = "image",
+    label_key: str = "label",
+    image_dtype: torch.dtype = torch.float16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unstack every 2D slice of ``dataset`` into ``(N, C, H, W)`` images and ``(N, 1, H, W)`` uint8 labels (CPU).
+
+    Items are ``{"image": (C, H, W, D) or (C, H, W), "label": (1, H, W[, D])}`` with the same in-plane
+    size ``H x W`` throughout (the bundle resizes to ``spatial_size`` first); 3D items give their ``D``
+    slices along the last axis, 2D items one slice each. Labels must be whole numbers in ``[0, 255]``.
+
+    Raises:
+        ValueError: naming the item, for a list item (random sampling left in the pipeline), a missing
+            key, mismatched image/label shapes, a different in-plane size or non-integral labels.
+    """
+    images, labels = [], []
+    plane = None
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if isinstance(item, (list, tuple)):
+            raise ValueError(
+                f"dataset item {i} is a list: the loader needs the deterministic transforms only "
+                "(drop RandSpatialCropSamplesd and the augmentation from the dataset's transform)."
+            )
+        if image_key not in item or label_key not in item:
+            raise ValueError(f"dataset item {i} lacks {image_key!r} or {label_key!r} (keys: {sorted(item)}).")
+        img, lbl = _plain(item[image_key]), _plain(item[label_key])
+        if img.ndim not in (3, 4) or lbl.ndim != img.ndim or lbl.shape[0] != 1 or lbl.shape[1:] != img.shape[1:]:
+            raise ValueError(
+                f"dataset item {i}: expected image (C, H, W[, D]) and label (1, H, W[, D]) of the same spatial "
+                f"shape, got {tuple(img.shape)} and {tuple(lbl.shape)}."
+            )
+        if plane is None:
+            plane = tuple(img.shape[1:3])
+        elif tuple(img.shape[1:3]) != plane:
+            raise ValueError(
+                f"dataset item {i}: in-plane size {tuple(img.shape[1:3])} differs from the first item's {plane}; "
+                "resize every item to spatial_size first."
+            )
+        if img.ndim == 4:  # (C, H, W, D) -> (D, C, H, W)
+            img, lbl = img.permute(3, 0, 1, 2), lbl.permute(3, 0, 1, 2)
+        else:
+            img, lbl = img[None], lbl[None]
+        lbl = lbl.float() if not lbl.dtype.is_floating_point else lbl
+        rounded = lbl.round()
+        if (rounded - lbl).abs().max() > 1e-3 or rounded.min() < 0 or rounded.max() > 255:
+            raise ValueError(f"dataset item {i}: labels must be whole numbers in [0, 255].")
+        images.append(img.to(image_dtype))
+        labels.append(rounded.to(torch.uint8))
+    if not images:
+        raise ValueError("the dataset is empty.")
+    return torch.cat(images), torch.cat(labels)
+
+
+class GPUSliceLoader:
+    """Iterable of augmented 2D batches drawn from slices held on ``device``.
+
+    Args:
+        dataset: sequence of dicts after the deterministic transforms (e.g. the bundle's
+            ``train#dataset`` with ``train#preprocessing`` reduced to ``train#deterministic_transforms``).
+        batch_size: slices per batch.
+        device: where the slices live and the augmentation runs (default: CUDA if available).
+        image_dtype: storage type of the images on the device (float16 halves the memory; the
+            batches are float32).
+        samples_per_epoch: slices per epoch (default: all slices once); ``len(loader)`` is
+            ``max(1, samples_per_epoch // batch_size)``, every batch is full. Slices are drawn from
+            successive random permutations of all slices, so each is seen once before any repeats.
+        rot90_prob, flip_prob, rotate_prob, rotate_range: the augmentation, as in ``train.json``.
+        seed: batches are a function of ``(seed, epoch)`` alone (for one device type).
+        channels_last: give the image batch in channels-last memory layout.
+        image_key, label_key: dict keys in and out.
+
+    Shapes: yields ``{"image": (B, C, H, W) float32, "label": (B, 1, H, W) uint8}``.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[dict],
+        batch_size: int = 24,
+        device: str | torch.device | None = None,
+        image_dtype: torch.dtype = torch.float16,
+        samples_per_epoch: int | None = None,
+        rot90_prob: float = 0.5,
+        flip_prob: float = 0.5,
+        rotate_prob: float = 0.3,
+        rotate_range: float = 0.35,
+        seed: int = 0,
+        channels_last: bool = False,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        for name, p in (("rot90_prob", rot90_prob), ("flip_prob", flip_prob), ("rotate_prob", rotate_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {p}.")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        images, labels = stack_slices(dataset, image_key, label_key, image_dtype)
+        if rot90_prob > 0 and images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"rot90 needs square slices, got {tuple(images.shape[-2:])}; resize first or set rot90_prob=0.")
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = int(batch_size)
+        self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch else len(self.images)
+        self.rot90_prob, self.flip_prob, self.rotate_prob = float(rot90_prob), float(flip_prob), float(rotate_prob)
+        self.rotate_range = float(rotate_range)
+        self.seed = int(seed)
+        self.channels_last = bool(channels_last)
+        self.image_key, self.label_key = image_key, label_key
+        self.epoch = 0
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.images)
+
+    def __len__(self) -> int:
+        return max(1, self.samples_per_epoch // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` give epoch ``epoch``'s batches (each ``iter()`` otherwise advances by one)."""
+        self.epoch = int(epoch)
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed((self.seed * 1_000_003 + epoch) % (2**63 - 1))
+        return g
+
+    def __iter__(self) -> Iterator[dict]:
+        g = self._generator(self.epoch)
+        self.epoch += 1
+        n, b = self.num_slices, self.batch_size
+        order = torch.empty(0, dtype=torch.long, device=self.device)
+        for _ in range(len(self)):
+            while len(order) < b:  # successive permutations: every slice once before any repeats
+                order = torch.cat([order, torch.randperm(n, generator=g, device=self.device)])
+            idx, order = order[:b], order[b:]
+            image, label = self.augment(self.images[idx].float(), self.labels[idx], g)
+            if self.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            yield {self.image_key: image, self.label_key: label}
+
+    def augment(
+        self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random rot90, flips and small rotation of a batch; image and label move together.
+
+        ``image``: ``(B, C, H, W)`` float; ``label``: ``(B, 1, H, W)`` integer. Returns both, same shapes/types.
+        """
+        bsz, dev = image.shape[0], image.device
+        u = torch.rand(bsz, 5, generator=generator, device=dev)
+        k = torch.randint(1, 4, (bsz,), generator=generator, device=dev)
+
+        def sel(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            return torch.where(mask.view(bsz, 1, 1, 1), new, old)
+
+        if self.rot90_prob > 0:
+            k = torch.where(u[:, 0] < self.rot90_prob, k, torch.zeros_like(k))
+            img0, lbl0 = image, label
+            for q in (1, 2, 3):
+                image = sel(k == q, torch.rot90(img0, q, dims=(-2, -1)), image)
+                label = sel(k == q, torch.rot90(lbl0, q, dims=(-2, -1)), label)
+        for axis, col in ((-2, 1), (-1, 2)):
+            if self.flip_prob > 0:
+                m = u[:, col] < self.flip_prob
+                image, label = sel(m, image.flip(axis), image), sel(m, label.flip(axis), label)
+        if self.rotate_prob > 0 and self.rotate_range > 0:
+            m = u[:, 3] < self.rotate_prob
+            angle = (2.0 * u[:, 4] - 1.0) * self.rotate_range
+            h, w = image.shape[-2:]
+            cos, sin = torch.cos(angle), torch.sin(angle)
+            zero = torch.zeros_like(angle)
+            # rotation in pixel units, written in affine_grid's normalised coordinates (aspect-correct)
+            theta = torch.stack(
+                [torch.stack([cos, -sin * h / w, zero], 1), torch.stack([sin * w / h, cos, zero], 1)], 1
+            ).to(image.dtype)
+            grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+            rot_img = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            rot_lbl = F.grid_sample(label.to(image.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            image, label = sel(m, rot_img, image), sel(m, rot_lbl.round().to(label.dtype), label)
+        return image, label
