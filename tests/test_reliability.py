@@ -244,3 +244,15 @@ def test_same_seed_same_metrics_on_cpu(volume_dataset, tmp_path):
         rows = (out / "eval" / "training_log.csv").read_text().splitlines()[1:]
         runs.append([[float(v) for v in r.split(",")] for r in rows])
     np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-6)
+
+
+def test_volume_given_to_the_2d_pipeline_is_refused(trained_tiny, volume_dataset, tmp_path):
+    volume = volume_dataset / "imagesTr" / "case_001.nii.gz"
+    proc = bundle_cmd(
+        "inference", ["inference.json", "profiles/kvasir.json"], "--dataset_dir", str(volume), "--model_preset", "tiny",
+        "--in_channels", "1", "--class_names", "['organ_1','organ_2']", "--output_dir", str(tmp_path), "--ckpt_path", str(trained_tiny / "models" / "model.pt"),
+        "--spatial_size", "[64,64]", check=False,
+    )
+    assert proc.returncode == 1
+    assert f"{volume}: expected a 2D image, got a 3D image" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inference_summary.json"]

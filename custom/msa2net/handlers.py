@@ -83,7 +83,7 @@ class TrainingLogWriter:
         out = engine.state.output
         loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
         # kept on the device: a float() here would synchronise the GPU every iteration
-        self._losses.append(loss.detach())
+        self._losses.append(torch.as_tensor(loss).detach())
 
     def __call__(self, engine: Engine) -> None:
         val = None

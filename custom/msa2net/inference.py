@@ -59,7 +59,7 @@ def error_line(exc: BaseException) -> str:
         text = " ".join(str(exc).split())
         if text:
             reasons.append(f"{text}" if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {text}")
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ if exc.__cause__ is not None else (None if exc.__suppress_context__ else exc.__context__)
     return reasons[-1] if reasons else "unknown error"
 
 
