@@ -132,6 +132,29 @@ def check_exported(
     return worst
 
 
+def _export_paths(ckpt, out, bundle_dir, configs, profile, default_name: str):
+    """Bundle folder, config files, output path (its folder created) and checkpoint key of an export."""
+    bundle = Path(bundle_dir) if bundle_dir else default_bundle_dir()
+    files = _config_paths(bundle, configs, profile)
+    out_path = Path(out) if out else bundle / "models" / default_name
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return bundle, files, out_path, _key_in_ckpt(ckpt)
+
+
+def _export_kwargs(bundle: Path, files: list[str], out_path: Path, ckpt: str, key: str, overrides: Mapping) -> dict:
+    """Arguments that MONAI's ``ckpt_export`` and ``onnx_export`` share."""
+    return dict(
+        net_id="network_def",
+        filepath=str(out_path),
+        ckpt_file=str(ckpt),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=files,
+        key_in_ckpt=key,
+        bundle_root=str(bundle),
+        **overrides,
+    )
+
+
 def torchscript(
     ckpt: str,
     out: str | None = None,
@@ -158,25 +181,12 @@ def torchscript(
 
     if mode not in ("auto", "script", "trace"):
         raise ValueError(f"mode must be 'auto', 'script' or 'trace', got {mode!r}.")
-    bundle = Path(bundle_dir) if bundle_dir else default_bundle_dir()
-    files = _config_paths(bundle, configs, profile)
-    out_path = Path(out) if out else bundle / "models" / "model.ts"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    key = _key_in_ckpt(ckpt)
+    bundle, files, out_path, key = _export_paths(ckpt, out, bundle_dir, configs, profile, "model.ts")
     with _importable(bundle):
         parser = _parser(bundle, files, overrides)
         shape = _input_shape(parser)
         net = _eager_network(parser, ckpt, key)
-        common = dict(
-            net_id="network_def",
-            filepath=str(out_path),
-            ckpt_file=str(ckpt),
-            meta_file=str(bundle / "configs" / "metadata.json"),
-            config_file=files,
-            key_in_ckpt=key,
-            bundle_root=str(bundle),
-            **overrides,
-        )
+        common = _export_kwargs(bundle, files, out_path, ckpt, key, overrides)
         attempts = {"auto": (False, True), "script": (False,), "trace": (True,)}[mode]
         for use_trace in attempts:
             how = "trace" if use_trace else "script"
@@ -216,11 +226,7 @@ def onnx(
     import onnxruntime as ort
     from monai.bundle import onnx_export
 
-    bundle = Path(bundle_dir) if bundle_dir else default_bundle_dir()
-    files = _config_paths(bundle, configs, profile)
-    out_path = Path(out) if out else bundle / "models" / "model.onnx"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    key = _key_in_ckpt(ckpt)
+    bundle, files, out_path, key = _export_paths(ckpt, out, bundle_dir, configs, profile, "model.onnx")
     with _importable(bundle):
         parser = _parser(bundle, files, overrides)
         shape = _input_shape(parser)
@@ -234,17 +240,10 @@ def onnx(
         }
         try:
             onnx_export(
-                net_id="network_def",
-                filepath=str(out_path),
-                ckpt_file=str(ckpt),
-                meta_file=str(bundle / "configs" / "metadata.json"),
-                config_file=files,
-                key_in_ckpt=key,
                 use_trace=True,
                 input_shape=list(shape),
                 converter_kwargs=converter_kwargs,
-                bundle_root=str(bundle),
-                **overrides,
+                **_export_kwargs(bundle, files, out_path, ckpt, key, overrides),
             )
             model = onnx_lib.load(str(out_path))
             props = {"metadata.json": json.dumps(parser.get("_meta_"))}
