@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from msa2net.bundle_tools import default_bundle_dir, export_bundle
+from msa2net.inference import load_weights
 
 __all__ = ["torchscript", "onnx", "deploy_bundle", "check_exported", "DEPLOY_CONFIG"]
 
@@ -98,10 +99,9 @@ def _key_in_ckpt(ckpt: str) -> str:
     return "model" if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping) else ""
 
 
-def _eager_network(parser, ckpt: str, key: str) -> torch.nn.Module:
+def _eager_network(parser, ckpt: str) -> torch.nn.Module:
     net = parser.get_parsed_content("network_def", instantiate=True)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    net.load_state_dict(state[key] if key else state)
+    load_weights(net, ckpt)
     return net.eval()
 
 
@@ -185,7 +185,7 @@ def torchscript(
     with _importable(bundle):
         parser = _parser(bundle, files, overrides)
         shape = _input_shape(parser)
-        net = _eager_network(parser, ckpt, key)
+        net = _eager_network(parser, ckpt)
         common = _export_kwargs(bundle, files, out_path, ckpt, key, overrides)
         attempts = {"auto": (False, True), "script": (False,), "trace": (True,)}[mode]
         for use_trace in attempts:
@@ -230,7 +230,7 @@ def onnx(
     with _importable(bundle):
         parser = _parser(bundle, files, overrides)
         shape = _input_shape(parser)
-        net = _eager_network(parser, ckpt, key)
+        net = _eager_network(parser, ckpt)
         converter_kwargs = {
             "dynamo": False,
             "input_names": ["image"],
