@@ -14,6 +14,7 @@ zero-padded and the padded keys masked, so any input whose sides are multiples o
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,6 +24,13 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 __all__ = ["CSWinEncoder", "CSWinBlock", "LePEAttention", "PatchMerging", "cswin_checkpoint_filter"]
+
+
+def _static(size) -> int:
+    """A traced tensor size as a Python constant (tracing only; the trace is then specific to that size)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return int(size)
 
 
 class LePEAttention(nn.Module):
@@ -50,32 +58,37 @@ class LePEAttention(nn.Module):
             return h, w
         return (h, self.stripe_width) if self.vertical else (self.stripe_width, w)
 
-    def _to_windows(self, t: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
-        """``(B, H, W, C)`` -> ``(B * nW, C, wh, ww)``."""
-        b, h, w, c = t.shape
-        t = t.reshape(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 5, 2, 4)
-        return t.reshape(-1, c, wh, ww)
+    @staticmethod
+    def _to_windows(t: torch.Tensor, h: int, w: int, c: int, wh: int, ww: int) -> torch.Tensor:
+        """``(B, h, w, c)`` -> ``(B * nW, wh, ww, c)``, windows in row-major order."""
+        return t.reshape(-1, h // wh, wh, w // ww, ww, c).transpose(2, 3).reshape(-1, wh, ww, c)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, w, c = q.shape
+        if torch.jit.is_tracing():
+            # Exported graphs (TorchScript, ONNX) keep the traced spatial size as constants and only the
+            # batch free (-1 below): a few thousand shape-arithmetic nodes fewer for ONNX Runtime.
+            h, w, c = _static(h), _static(w), _static(c)
         wh, ww = self._window(h, w)
         ph, pw = (-h) % wh, (-w) % ww
         if ph or pw:
             q, k, v = (F.pad(t, (0, 0, 0, pw, 0, ph)) for t in (q, k, v))
         hp, wp = h + ph, w + pw
-        qw, kw, vw = (self._to_windows(t, wh, ww) for t in (q, k, v))
-        lepe = self.lepe(vw)
+        qw, kw, vw = (self._to_windows(t, hp, wp, c, wh, ww) for t in (q, k, v))
+        # The permutes are views: LePE runs as a channels-last convolution, with no copies.
+        lepe = self.lepe(vw.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         n, hd = wh * ww, c // self.num_heads
-        qw, kw, vw, lepe = (t.reshape(-1, self.num_heads, hd, n).transpose(-1, -2) for t in (qw, kw, vw, lepe))
+        # (N, heads, n, hd) with the head dimension contiguous, as the fused attention kernels want.
+        qw, kw, vw = (t.reshape(-1, n, self.num_heads, hd).transpose(1, 2) for t in (qw, kw, vw))
         mask = None
         if ph or pw:
-            valid = torch.zeros(1, hp, wp, 1, dtype=q.dtype, device=q.device)
-            valid[:, :h, :w] = 1
-            valid = self._to_windows(valid, wh, ww).reshape(-1, 1, 1, n).bool()
-            mask = valid.repeat(b, 1, 1, 1)
-        out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask) + lepe
-        out = out.transpose(-1, -2).reshape(b, hp // wh, wp // ww, c, wh, ww).permute(0, 1, 4, 2, 5, 3)
-        return out.reshape(b, hp, wp, c)[:, :h, :w]
+            valid = torch.zeros(1, hp, wp, 1, dtype=torch.bool, device=q.device)
+            valid[:, :h, :w] = True
+            mask = self._to_windows(valid, hp, wp, 1, wh, ww).reshape(-1, 1, 1, n).repeat(b, 1, 1, 1)
+        out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(-1, wh, ww, c) + lepe
+        out = out.reshape(-1, hp // wh, wp // ww, wh, ww, c).transpose(2, 3).reshape(-1, hp, wp, c)
+        return out[:, :h, :w]
 
 
 class CSWinBlock(nn.Module):

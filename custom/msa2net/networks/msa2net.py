@@ -127,9 +127,10 @@ class MSA2Net(nn.Module):
         feats = self.encode(x)
         if self.bridge is not None:
             feats = self.bridge(feats[:-1]) + [feats[-1]]
-        y = self.decoder(feats)
-        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.head(y)
+        # The 1x1 head commutes with bilinear resizing (its weights sum to one per pixel), so it runs
+        # first and only num_classes channels, not channels[0], are resized to full resolution.
+        y = self.head(self.decoder(feats))
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 #: Named sizes. ``paper`` is CSWin-T as in the paper; ``base`` (about 11 M parameters) is the largest

@@ -142,8 +142,10 @@ class SACM(nn.Module):
             return F.conv2d(x, self.weights[0], None, self.stride, self.max_kernel // 2, 1, self.groups) * attn[
                 :, :, None, None
             ]
-        kernel = torch.einsum("bk,koihw->boihw", attn, self._padded_stack())
-        kernel = kernel.reshape(b * self.out_channels, c // self.groups, self.max_kernel, self.max_kernel)
+        stack = self._padded_stack()
+        kernel = (attn @ stack.flatten(1)).reshape(
+            b * self.out_channels, c // self.groups, self.max_kernel, self.max_kernel
+        )
         y = F.conv2d(x.reshape(1, b * c, h, w), kernel, None, self.stride, self.max_kernel // 2, 1, b * self.groups)
         return y.reshape(b, self.out_channels, y.shape[-2], y.shape[-1])
 
