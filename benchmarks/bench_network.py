@@ -7,6 +7,9 @@ Same run, same card, same batch (default 64), 1 input channel, 9 output classes 
 * parameters; FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products,
   convolutions and attention only; elementwise work is not counted) and the achieved TFLOP/s, also as a
   fraction of the card's measured bf16 matrix-product rate (8192^3 ``torch.matmul``);
+* ``--cuda_graphs``: the same models again, run from CUDA graphs (``msa2net.cuda_graphs.GraphedForward``:
+  one graph for the eval forward, one for the training forward+backward), which removes the CPU's
+  kernel-launch cost from both networks alike;
 * SACM: the default "kernel" form (one grouped convolution with the per-sample aggregated kernel) against
   the reference "sum" form, as single modules and inside the whole paper network, same weights and inputs,
   with the largest difference between the two forms' outputs.
@@ -23,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import cuda_time, env_header, env_info, matmul_tflops, md_table, write_results  # noqa: I001
+from msa2net.cuda_graphs import GraphedForward
 from msa2net.networks import create_msa2net
 from msa2net.networks.sacm import SACM
 
@@ -92,6 +96,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--models", default="msa2net_paper,swinunetr_2d,basicunet_2d")
     ap.add_argument("--channels_last", default="msa2net_paper", help="models also timed in channels-last layout")
+    ap.add_argument("--cuda_graphs", default="msa2net_paper,swinunetr_2d", help="models also timed from CUDA graphs")
     ap.add_argument("--sacm_modules", default="64x56,128x28,256x14", help="CxS inputs of the single-module SACM test")
     ap.add_argument("--out_dir", default=None)
     ap.add_argument("--name", default="network")
@@ -120,6 +125,8 @@ def main() -> None:
     variants = [(m, False) for m in args.models.split(",") if m]
     variants += [(m, True) for m in args.channels_last.split(",") if m]
     variants += [("msa2net_paper", "sum")] if "msa2net_paper" in args.models else []
+    if dev.type == "cuda":
+        variants += [(m, "graph") for m in args.cuda_graphs.split(",") if m]
     for name, variant in variants:
         torch.manual_seed(0)
         net = build(name, args.num_classes).to(dev)
@@ -134,10 +141,16 @@ def main() -> None:
             label += " (SACM sum form)"
         params = sum(p.numel() for p in net.parameters())
         fwd_flops, fb_flops = count_flops(net, xin)
-        t = time_modes(net, xin, args.iters, args.warmup)
+        if variant == "graph":
+            net = GraphedForward(net)
+            label += " (CUDA graph)"
+        # One training graph per wrapper: the graphed variant is timed in bf16 only.
+        t = time_modes(net, xin, args.iters, args.warmup, ("bf16",) if variant == "graph" else ("fp32", "bf16"))
         row = {"model": label, "params_M": params / 1e6, "gflops_fwd_per_slice": fwd_flops / b / 1e9, "gflops_fwd_bwd_per_slice": fb_flops / b / 1e9}
         for mode, flops in (("fwd", fwd_flops), ("fwd_bwd", fb_flops)):
             for dname in ("fp32", "bf16"):
+                if f"{dname}_{mode}_s" not in t:
+                    continue
                 sec = t[f"{dname}_{mode}_s"]
                 row[f"{dname}_{mode}_slices_per_s"] = b / sec
                 row[f"{dname}_{mode}_tflops"] = flops / sec / 1e12
@@ -149,7 +162,8 @@ def main() -> None:
         if fb_flops > 5 * fwd_flops:  # FlopCounterMode over-counts the backward of batch-folded grouped convs
             row["flop_counter_bwd_overcount"] = True
             for dname in ("fp32", "bf16"):
-                row[f"{dname}_fwd_bwd_tflops_est"] = 3 * fwd_flops * row[f"{dname}_fwd_bwd_slices_per_s"] / b / 1e12
+                if f"{dname}_fwd_bwd_slices_per_s" in row:
+                    row[f"{dname}_fwd_bwd_tflops_est"] = 3 * fwd_flops * row[f"{dname}_fwd_bwd_slices_per_s"] / b / 1e12
         rows.append(row)
         print(row, flush=True)
         dump(rows, [])

@@ -23,6 +23,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from common import ROOT, env_header, env_info, md_table, write_results  # noqa: I001
+from msa2net.cuda_graphs import GraphedForward
 from msa2net.networks import create_msa2net
 
 BUNDLE = ROOT / "bundle"
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: the bundle's batch_size")
     ap.add_argument("--sacm_forms", default="kernel", help="comma-separated SACM forms to time")
     ap.add_argument("--channels_last", action="store_true")
+    ap.add_argument("--cuda_graphs", action="store_true", help="also time each preset run from CUDA graphs (GraphedForward)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--cpu_batches", type=int, default=20)
@@ -90,7 +92,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
 
-    over = {"channels_last": args.channels_last}
+    over = {}
     if args.batch:
         over["batch_size"] = args.batch
     t = time.perf_counter()
@@ -99,16 +101,19 @@ def main() -> None:
     build_s = time.perf_counter() - t
     batch = loader.batch_size
     rows = []
-    for preset, form in [(p, f) for p in args.presets.split(",") for f in args.sacm_forms.split(",")]:
+    graph_modes = (False, True) if args.cuda_graphs and dev.type == "cuda" else (False,)
+    for preset, form, graphs in [(p, f, g) for p in args.presets.split(",") for f in args.sacm_forms.split(",") for g in graph_modes]:
         torch.manual_seed(0)
         net = create_msa2net(preset, in_channels=1, num_classes=4, sacm_form=form).to(dev)
         if args.channels_last:
             net = net.to(memory_format=torch.channels_last)
+        if graphs:
+            net = GraphedForward(net)
         fixed = next(iter(loader))
         fixed = {"image": torch.rand_like(fixed["image"]), "label": torch.randint_like(fixed["label"], 0, 4)}
         alone = timed_steps(net, iter(lambda: fixed, None), args.steps, args.warmup, dev)
         real = timed_steps(net, forever(loader), args.steps, args.warmup, dev)
-        rows.append({"preset": preset, "sacm_form": form, "batch": batch, "network_alone_img_s": alone, "gpu_loader_img_s": real, "ratio": real / alone})
+        rows.append({"preset": preset, "sacm_form": form, "cuda_graphs": graphs, "batch": batch, "network_alone_img_s": alone, "gpu_loader_img_s": real, "ratio": real / alone})
         print(rows[-1], flush=True)
         del net
         if dev.type == "cuda":
@@ -143,7 +148,7 @@ def main() -> None:
                "gpu_loader_only_img_s": gpu_loader_only, "cpu_loader_only_img_s": cpu_loader_only,
                "cpu_loader_workers": cp.get_parsed_content("num_workers"), "target_ratio": 0.9}
     md = [f"# Training images/s on ACDC (bf16 autocast, batch {batch}, channels_last {args.channels_last})\n", env_header(env), "",
-          md_table(rows, ["preset", "sacm_form", "batch", "network_alone_img_s", "gpu_loader_img_s", "ratio"]), "",
+          md_table(rows, ["preset", "sacm_form", "cuda_graphs", "batch", "network_alone_img_s", "gpu_loader_img_s", "ratio"]), "",
           f"- GPU loader alone (no network): {gpu_loader_only:.0f} slices/s; {loader.num_slices} ACDC training slices held on the device",
           f"- train.json's CPU DataLoader alone ({results['cpu_loader_workers']} workers, per-sample augmentation): {cpu_loader_only:.0f} slices/s"]
     pj, pm = write_results(args.name, results, "\n".join(md), args.out_dir)

@@ -1,0 +1,56 @@
+"""GraphedForward: eager pass-through on the CPU; on CUDA, graphed inference and training equal eager."""
+
+import pytest
+import torch
+
+from msa2net.cuda_graphs import GraphedForward
+from msa2net.networks import create_msa2net
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    return create_msa2net("tiny", in_channels=1, num_classes=3)
+
+
+def test_cpu_inputs_run_the_module_itself():
+    net = tiny()
+    wrapped = GraphedForward(net)
+    x = torch.randn(2, 1, 64, 64)
+    net.eval(), wrapped.eval()
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), net(x))
+    assert [p is q for p, q in zip(wrapped.parameters(), net.parameters())] == [True] * len(list(net.parameters()))
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedForward(net, warmup=0)
+
+
+@needs_cuda
+def test_inference_graphs_equal_eager_per_shape():
+    net = tiny().cuda().eval()
+    wrapped = GraphedForward(net, max_graphs=2)
+    with torch.no_grad():
+        for b, size in ((4, 64), (3, 96), (4, 64), (2, 32)):
+            x = torch.randn(b, 1, size, size, device="cuda")
+            torch.testing.assert_close(wrapped(x), net(x), rtol=1e-4, atol=1e-4)
+    assert len(wrapped._infer) == 2  # the third shape ran eagerly
+
+
+@needs_cuda
+def test_training_graph_follows_eager_steps():
+    torch.backends.cudnn.deterministic = True
+    batches = [(torch.randn(4, 1, 64, 64, device="cuda"), torch.randint(0, 3, (4, 64, 64), device="cuda")) for _ in range(3)]
+    losses = {}
+    for graphed in (False, True):
+        net = tiny().cuda().train()
+        model = GraphedForward(net) if graphed else net
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        losses[graphed] = []
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses[graphed].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4)
