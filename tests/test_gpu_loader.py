@@ -200,3 +200,19 @@ def test_bundle_override_swaps_the_train_loader(tmp_path):
     assert trainer.state.iteration == len(loader)
     log = (tmp_path / "out" / "training_log.csv").read_text().splitlines()
     assert len(log) == 2 and math.isfinite(float(log[1].split(",")[3]))
+
+
+def test_data_parallel_ranks_share_the_order_and_take_disjoint_slices():
+    # Slice i holds the constant i, so a batch names its slices; no augmentation.
+    data = [{"image": torch.arange(12.0).view(1, 1, 1, 12).expand(1, 4, 4, 12).clone(), "label": torch.zeros(1, 4, 4, 12, dtype=torch.uint8)}]
+    opts = dict(batch_size=3, device="cpu", image_dtype=torch.float32, samples_per_epoch=12, rot90_prob=0, flip_prob=0, rotate_prob=0, seed=5)
+    single = GPUSliceLoader(data, **opts)
+    ranks = [GPUSliceLoader(data, rank=r, world_size=2, **opts) for r in range(2)]
+    assert len(single) == 4 and all(len(r) == 2 for r in ranks)
+    names = [[b["image"][:, 0, 0, 0].long().tolist() for b in r] for r in ranks]
+    for step in range(2):
+        assert not set(names[0][step]) & set(names[1][step])
+    seen = sorted(i for r in names for batch in r for i in batch)
+    assert seen == list(range(12))  # one epoch of 12 slices, each once, across both processes
+    with pytest.raises(ValueError, match="rank"):
+        GPUSliceLoader(data, rank=2, world_size=2, **opts)

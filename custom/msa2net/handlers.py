@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,8 @@ class MetricSummaryWriter:
 
 
 class TrainingLogWriter:
-    """Append one row per epoch (epoch, mean loss, learning rate, validation metric) to a CSV file.
+    """Append one row per epoch (epoch, mean loss, learning rate, validation metric, seconds since the run
+    started) to a CSV file; in data-parallel runs only the first process writes.
 
     Args:
         output_file: the CSV file (rewritten atomically each epoch).
@@ -76,8 +78,12 @@ class TrainingLogWriter:
         self._losses: list[float] = []
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _start(self, engine: Engine) -> None:
+        self._t0 = time.perf_counter()
 
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output
@@ -99,10 +105,15 @@ class TrainingLogWriter:
                 "loss": float(torch.stack(self._losses).float().mean()) if self._losses else "",
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "val_metric": "" if val is None else float(val),
+                # a resumed run counts from its own start
+                "elapsed_s": round(time.perf_counter() - self._t0, 3),
             }
         )
         self._losses = []
-        lines = ["epoch,loss,lr,val_metric"] + [f"{r['epoch']},{r['loss']},{r['lr']},{r['val_metric']}" for r in rows]
+        if not _is_main_process():
+            return
+        cols = ["epoch", "loss", "lr", "val_metric", "elapsed_s"]
+        lines = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]
         atomic_write_text(self.output_file, "\n".join(lines) + "\n")
 
 

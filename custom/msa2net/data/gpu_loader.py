@@ -112,6 +112,11 @@ class GPUSliceLoader:
             successive random permutations of all slices, so each is seen once before any repeats.
         rot90_prob, flip_prob, rotate_prob, rotate_range: the augmentation, as in ``train.json``.
         seed: batches are a function of ``(seed, epoch)`` alone (for one device type).
+        rank, world_size: data-parallel training (``torchrun``; default: from ``torch.distributed`` when it is
+            initialised). Every process draws the same global order of slices and takes its own
+            ``batch_size`` share of each global batch of ``batch_size * world_size``, so the processes see
+            disjoint slices; ``samples_per_epoch`` counts all processes together. Augmentation is drawn
+            per process.
         channels_last: give the image batch in channels-last memory layout.
         image_key, label_key: dict keys in and out.
 
@@ -130,6 +135,8 @@ class GPUSliceLoader:
         rotate_prob: float = 0.3,
         rotate_range: float = 0.35,
         seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
         channels_last: bool = False,
         image_key: str = "image",
         label_key: str = "label",
@@ -152,6 +159,11 @@ class GPUSliceLoader:
         self.rot90_prob, self.flip_prob, self.rotate_prob = float(rot90_prob), float(flip_prob), float(rotate_prob)
         self.rotate_range = float(rotate_range)
         self.seed = int(seed)
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world_size = int(world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1))
+        self.rank = int(rank if rank is not None else (torch.distributed.get_rank() if dist else 0))
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must lie in [0, world_size), got rank={self.rank}, world_size={self.world_size}.")
         self.channels_last = bool(channels_last)
         self.image_key, self.label_key = image_key, label_key
         self.epoch = 0
@@ -161,27 +173,30 @@ class GPUSliceLoader:
         return len(self.images)
 
     def __len__(self) -> int:
-        return max(1, self.samples_per_epoch // self.batch_size)
+        return max(1, self.samples_per_epoch // (self.batch_size * self.world_size))
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` give epoch ``epoch``'s batches (each ``iter()`` otherwise advances by one)."""
         self.epoch = int(epoch)
 
-    def _generator(self, epoch: int) -> torch.Generator:
+    def _generator(self, epoch: int, stream: int = 0) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.seed * 1_000_003 + epoch) % (2**63 - 1))
+        g.manual_seed((self.seed * 1_000_003 + epoch + stream * 7_919_007) % (2**63 - 1))
         return g
 
     def __iter__(self) -> Iterator[dict]:
         g = self._generator(self.epoch)
+        # One process keeps one generator (its batches stay what they were); several share the order only.
+        g_aug = g if self.world_size == 1 else self._generator(self.epoch, stream=1 + self.rank)
         self.epoch += 1
         n, b = self.num_slices, self.batch_size
+        gb = b * self.world_size
         order = torch.empty(0, dtype=torch.long, device=self.device)
         for _ in range(len(self)):
-            while len(order) < b:  # successive permutations: every slice once before any repeats
+            while len(order) < gb:  # successive permutations: every slice once before any repeats
                 order = torch.cat([order, torch.randperm(n, generator=g, device=self.device)])
-            idx, order = order[:b], order[b:]
-            image, label = self.augment(self.images[idx].float(), self.labels[idx], g)
+            idx, order = order[self.rank * b : (self.rank + 1) * b], order[gb:]
+            image, label = self.augment(self.images[idx].float(), self.labels[idx], g_aug)
             if self.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
             yield {self.image_key: image, self.label_key: label}

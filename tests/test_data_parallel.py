@@ -1,0 +1,59 @@
+"""GradientAllReduce with a real process group (gloo, two processes on the CPU)."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from msa2net.data_parallel import GradientAllReduce
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # different initial weights on purpose: broadcast must align them
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+        handler = GradientAllReduce(net)
+        handler.broadcast()
+        g = torch.Generator().manual_seed(100 + rank)  # each process its own batch
+        x = torch.randn(8, 4, generator=g)
+        net(x).pow(2).sum().backward()
+        local = [p.grad.clone() for p in net.parameters()]
+        handler.all_reduce()
+        out[rank] = {
+            "weights": [p.detach().clone() for p in net.parameters()],
+            "local": local,
+            "averaged": [p.grad.clone() for p in net.parameters()],
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_weights_broadcast_and_gradients_averaged():
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        r0, r1 = out[0], out[1]
+    for a, b in zip(r0["weights"], r1["weights"]):
+        assert torch.equal(a, b)
+    for l0, l1, a0, a1 in zip(r0["local"], r1["local"], r0["averaged"], r1["averaged"]):
+        assert not torch.allclose(l0, l1)  # the two batches really differ
+        torch.testing.assert_close(a0, (l0 + l1) / 2)
+        assert torch.equal(a0, a1)
+
+
+def test_without_a_process_group_nothing_changes():
+    net = torch.nn.Linear(3, 2)
+    net(torch.randn(5, 3)).sum().backward()
+    before = [p.grad.clone() for p in net.parameters()]
+    GradientAllReduce(net).all_reduce()
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, net.parameters()))
