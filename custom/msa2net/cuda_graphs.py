@@ -73,9 +73,10 @@ class GraphedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or not x.is_cuda or torch.jit.is_tracing() or torch.jit.is_scripting():
             return self.module(x)
-        if self.training and torch.is_grad_enabled():
+        # The wrapped module's mode decides (it may be switched without the wrapper, e.g. by an evaluator).
+        if self.module.training and torch.is_grad_enabled():
             return self._train_forward(x)
-        if not self.training and not torch.is_grad_enabled():
+        if not self.module.training and not torch.is_grad_enabled():
             return self._infer_forward(x)
         return self.module(x)
 
