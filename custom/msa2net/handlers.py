@@ -76,6 +76,7 @@ class TrainingLogWriter:
         self.optimizer = optimizer
         self.validator = validator
         self._losses: list[float] = []
+        self._t0 = time.perf_counter()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
