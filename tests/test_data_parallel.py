@@ -57,3 +57,32 @@ def test_without_a_process_group_nothing_changes():
     before = [p.grad.clone() for p in net.parameters()]
     GradientAllReduce(net).all_reduce()
     assert all(torch.equal(a, p.grad) for a, p in zip(before, net.parameters()))
+
+
+def test_multi_gpu_cuda_graphs_config_stack_resolves(volume_dataset, monkeypatch):
+    """The documented torchrun config stack builds the graphed trainer with the all-reduce handler and a sharded loader."""
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE
+    from msa2net.cuda_graphs import GraphedForward
+    from msa2net.data.gpu_loader import GPUSliceLoader
+
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        files = ["train.json", "profiles/synthetic.json", "adamw.json", "multi_gpu_train.json", "gpu_train.json", "multi_gpu_cuda_graphs.json"]
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE / "configs" / f) for f in files])
+        parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(volume_dataset), "device": "$torch.device('cpu')", "num_workers": 0})
+        parser.parse()
+        trainer = parser.get_parsed_content("train#trainer")
+        assert isinstance(trainer.network, GraphedForward) and trainer.network.enabled
+        assert trainer.network.module is parser.get_parsed_content("network")  # plain module, not DDP
+        handlers = parser.get_parsed_content("train#trainer#train_handlers")
+        assert isinstance(handlers[0], GradientAllReduce) and handlers[0].network is trainer.network.module
+        loader = parser.get_parsed_content("train#dataloader")
+        assert isinstance(loader, GPUSliceLoader) and (loader.rank, loader.world_size) == (0, 1)
+        assert type(trainer.optimizer).__name__ == "AdamW"
+    finally:
+        dist.destroy_process_group()
