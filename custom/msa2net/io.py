@@ -4,8 +4,8 @@
   512 x 512 x 200 CT goes: a ``.nii.gz`` is decompressed in one call (python-isal's ``igzip`` when
   installed, about twice zlib's speed, else zlib), and the voxels are scaled and reordered from NIfTI's
   Fortran order into a C-ordered float32 array by one multi-threaded torch copy (numpy's single-threaded
-  transposing copy took most of the read). Values, shape, affine and metadata are those of
-  ``NibabelReader``; anything it does not cover (GPU loading, keyword arguments to ``nib.load``,
+  transposing copy took most of the read). Values (up to float32 rounding where the header scales
+  voxels), shape, affine and metadata are those of ``NibabelReader``; anything it does not cover (GPU loading, keyword arguments to ``nib.load``,
   big-endian or non-numeric data) goes to ``NibabelReader`` unchanged.
 * Writers write under a temporary name, then rename. :class:`AtomicNibabelWriter` also lays the voxels
   out in Fortran order with torch before nibabel serialises them, and compresses ``.nii.gz`` in one
@@ -76,10 +76,10 @@ class FastNibabelReader(NibabelReader):
         images = []
         for name in filenames:
             raw = Path(name).read_bytes() if str(name).endswith(".gz") else b""
-            data = _gunzip(raw) if raw[:2] == b"\x1f\x8b" else b""
-            if data[344:348] == b"n+1\x00":  # single-file NIfTI-1
+            unzipped = _gunzip(raw) if raw[:2] == b"\x1f\x8b" else b""
+            if unzipped[344:348] == b"n+1\x00":  # single-file NIfTI-1
                 # from_bytes keeps the decompressed file in memory; the array proxy reads from it.
-                img = nib.Nifti1Image.from_bytes(data)
+                img = nib.Nifti1Image.from_bytes(unzipped)
             else:  # not gzip, empty, NIfTI-2, uncompressed: nibabel's own reading and error messages
                 img = nib.load(name)
             images.append(correct_nifti_header_if_necessary(img))
