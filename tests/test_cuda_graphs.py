@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from msa2net.cuda_graphs import GraphedForward
+from msa2net.cuda_graphs import GraphedForward, own_gradients
 from msa2net.networks import create_msa2net
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -24,6 +24,41 @@ def test_cpu_inputs_run_the_module_itself():
     assert [p is q for p, q in zip(wrapped.parameters(), net.parameters())] == [True] * len(list(net.parameters()))
     with pytest.raises(ValueError, match="warmup"):
         GraphedForward(net, warmup=0)
+
+
+class _ReusedGradBuffer(torch.autograd.Function):
+    """Returns its input gradient in one persistent buffer, detached: what a graphed backward does."""
+
+    buffer = None
+
+    @staticmethod
+    def forward(ctx, w):
+        return w * 3.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        _ReusedGradBuffer.buffer.copy_(grad * 3.0)
+        return _ReusedGradBuffer.buffer.detach()
+
+
+def _grads_over_steps(protect: bool) -> list[float]:
+    w = torch.nn.Parameter(torch.ones(4))
+    _ReusedGradBuffer.buffer = torch.zeros(4)
+    hooks = own_gradients(torch.nn.ParameterList([w])) if protect else []
+    seen = []
+    for _ in range(3):
+        if w.grad is not None:
+            w.grad.zero_()  # zero_grad(set_to_none=False), MONAI's trainer default
+        _ReusedGradBuffer.apply(w).sum().backward()
+        seen.append(w.grad[0].item())
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_own_gradients_stop_a_reused_buffer_from_doubling_the_gradient():
+    assert _grads_over_steps(protect=False) == [3.0, 6.0, 6.0]  # the hazard, as PyTorch behaves
+    assert _grads_over_steps(protect=True) == [3.0, 3.0, 3.0]
 
 
 @needs_cuda
@@ -48,7 +83,7 @@ def test_training_graph_follows_eager_steps():
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         losses[graphed] = []
         for x, y in batches:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)  # in place, as MONAI's SupervisedTrainer does
             loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()

@@ -1,5 +1,7 @@
 """The fast NIfTI reader and writer give exactly what MONAI's NibabelReader and NibabelWriter give."""
 
+import gzip
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import torch
 from monai.data import NibabelReader, NibabelWriter
 from monai.transforms import LoadImage
 
+import msa2net.io
 from msa2net.io import AtomicNibabelWriter, FastNibabelReader, load_imaged
 
 OBLIQUE = np.array([[0.68, -0.12, 0.3, 12.0], [0.1, 0.7, 0.05, -40.0], [-0.2, 0.0, 2.4, 7.5], [0, 0, 0, 1]])
@@ -40,6 +43,22 @@ def test_fast_reader_equals_nibabel_reader(tmp_path, dtype, ext, slope_inter, af
     np.testing.assert_allclose(got.affine, ref.affine)
     assert set(got.meta) == set(ref.meta)
     np.testing.assert_array_equal(got.meta["spatial_shape"], ref.meta["spatial_shape"])
+
+
+@pytest.mark.parametrize("backend", ["installed", "standard library"])
+def test_unscaled_voxels_keep_their_type_and_multi_member_gzip_reads(tmp_path, monkeypatch, backend):
+    if backend == "standard library":
+        monkeypatch.setattr(msa2net.io, "_gzip", None)
+    img = nib.Nifti1Image(volume(np.uint8), np.eye(4))
+    path = tmp_path / "labels.nii"
+    nib.save(img, path)
+    gz = tmp_path / "labels.nii.gz"
+    raw = path.read_bytes()
+    gz.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))  # two members, as bgzip writes
+    ref = LoadImage(reader=NibabelReader, image_only=True, dtype=None)(path)
+    got = load_imaged("label", image_only=True, dtype=None)({"label": gz})["label"]
+    assert got.dtype == ref.dtype == torch.uint8
+    assert torch.equal(got.as_tensor(), ref.as_tensor())
 
 
 def test_fast_reader_errors_name_the_problem(tmp_path):

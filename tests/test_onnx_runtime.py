@@ -35,6 +35,11 @@ def test_logits_match_pytorch_at_other_batch_sizes(tmp_path):
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         assert (again(x) - net(x)).abs().max().item() < 1e-3  # new weights: exported again
+    other_size = OnnxRuntimeNetwork(create_msa2net("tiny", in_channels=1, num_classes=3), tmp_path / "m.onnx", (1, 1, 96, 96), threads=1)
+    other_size.load_state_dict(net.state_dict())
+    x = torch.rand(1, 1, 96, 96)
+    with torch.no_grad():
+        assert (other_size(x) - net(x)).abs().max().item() < 1e-3  # a new input size: exported again
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     with pytest.raises(ValueError, match="input_shape"):
         OnnxRuntimeNetwork(net, tmp_path / "x.onnx", (2, 1, 64, 64))

@@ -10,8 +10,13 @@ stay those of the wrapped module):
 * training with gradients: the first input shape seen is captured once with
   :func:`torch.cuda.make_graphed_callables` (forward and backward); other shapes run eagerly.
   Capture runs ``warmup`` extra steps on that batch, which moves BatchNorm running statistics
-  by those steps (gradients of the warm-up are discarded);
+  by those steps (gradients of the warm-up are discarded). The graph hands out its gradients in
+  buffers it rewrites on every replay; autograd may keep such a buffer as ``param.grad`` and then
+  add the next replay's gradient to itself (twice the gradient once gradients are zeroed in place,
+  as MONAI's trainers do by default). :func:`own_gradients` hooks give each parameter a copy instead;
+  ``gpu_train.json`` also sets gradients to ``None`` between steps;
 * inference (eval mode, no gradients): one graph per input shape and dtype, up to ``max_graphs``;
+  replays are serialised by a lock, so threads (a MONAI Label server) never share the static buffers;
 * anything else (CPU tensors, gradients in eval mode, ...): the eager module.
 
 Captures run under the caller's autocast state with autocast's weight-cast cache switched off: a
@@ -20,10 +25,22 @@ graph must cast the weights itself, not read casts cached outside its memory poo
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
-__all__ = ["GraphedForward"]
+__all__ = ["GraphedForward", "own_gradients"]
+
+
+def _own_copy(grad: torch.Tensor) -> torch.Tensor:
+    return grad.clone()
+
+
+def own_gradients(module: nn.Module) -> list:
+    """Hook every trainable parameter so the gradient it accumulates is its own copy, never a buffer
+    that a CUDA graph rewrites on its next replay; returns the hook handles."""
+    return [p.register_hook(_own_copy) for p in module.parameters() if p.requires_grad]
 
 
 class _Call(nn.Module):
@@ -58,6 +75,7 @@ class GraphedForward(nn.Module):
         # Plain dicts, so the graphed shell is not registered as a second copy of the module.
         self._train: dict[str, object] = {}
         self._infer: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._infer_lock = threading.Lock()
 
     @staticmethod
     def _uncached_autocast() -> torch.autocast:
@@ -85,12 +103,16 @@ class GraphedForward(nn.Module):
         if not self._train:
             with self._uncached_autocast():
                 call = torch.cuda.make_graphed_callables(_Call(self.module), (x,), num_warmup_iters=self.warmup)
-            self._train.update(key=key, call=call)
+            self._train.update(key=key, call=call, hooks=own_gradients(self.module))
         if key != self._train["key"]:
             return self.module(x)
         return self._train["call"](x)
 
     def _infer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._infer_lock:
+            return self._infer_locked(x)
+
+    def _infer_locked(self, x: torch.Tensor) -> torch.Tensor:
         key = self._key(x)
         entry = self._infer.get(key)
         if entry is None:

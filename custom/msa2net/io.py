@@ -2,10 +2,12 @@
 
 * :class:`FastNibabelReader`: MONAI's ``NibabelReader`` with two changes where the time of a
   512 x 512 x 200 CT goes: a ``.nii.gz`` is decompressed in one call (python-isal's ``igzip`` when
-  installed, about twice zlib's speed, else zlib), and the voxels are scaled and reordered from NIfTI's
-  Fortran order into a C-ordered float32 array by one multi-threaded torch copy (numpy's single-threaded
-  transposing copy took most of the read). Values (up to float32 rounding where the header scales
-  voxels), shape, affine and metadata are those of ``NibabelReader``; anything it does not cover (GPU loading, keyword arguments to ``nib.load``,
+  installed, about twice zlib's speed, else the standard library), and the voxels are reordered from
+  NIfTI's Fortran order into a C-ordered array by one multi-threaded torch copy (numpy's
+  single-threaded transposing copy took most of the read). Unscaled voxels keep their stored type;
+  voxels the header scales come as float32 (``NibabelReader`` gives float64, which ``LoadImage``'s
+  default ``dtype`` turns into float32 anyway). Values, shape, affine and metadata are otherwise those
+  of ``NibabelReader``; anything it does not cover (GPU loading, keyword arguments to ``nib.load``,
   big-endian or non-numeric data) goes to ``NibabelReader`` unchanged.
 * Writers write under a temporary name, then rename. :class:`AtomicNibabelWriter` also lays the voxels
   out in Fortran order with torch before nibabel serialises them, and compresses ``.nii.gz`` in one
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import warnings
 import zlib
@@ -45,7 +48,8 @@ def gzip_backend() -> str:
 
 
 def _gunzip(data: bytes) -> bytes:
-    return _gzip.decompress(data) if _gzip is not None else zlib.decompress(data, 47)  # 47: gzip or zlib header
+    # both read every member of a multi-member file (bgzip, concatenated gzip)
+    return _gzip.decompress(data) if _gzip is not None else gzip.decompress(data)
 
 
 def _gzip_bytes(data: bytes, level: int = 1) -> bytes:
@@ -95,12 +99,14 @@ class FastNibabelReader(NibabelReader):
         with warnings.catch_warnings():  # the in-memory file is read-only; it is only read here
             warnings.simplefilter("ignore", UserWarning)
             src = torch.from_numpy(raw.T).permute(*reversed(range(raw.ndim)))
-        out = torch.empty(raw.shape, dtype=torch.float32)
-        out.copy_(src)
         slope, inter = proxy.slope, proxy.inter
-        if slope is not None and np.isfinite(slope) and slope not in (0, 1):
+        scale = slope is not None and np.isfinite(slope) and slope not in (0, 1)
+        shift = inter is not None and np.isfinite(inter) and inter != 0
+        out = torch.empty(raw.shape, dtype=torch.float32 if scale or shift else src.dtype)
+        out.copy_(src)
+        if scale:
             out.mul_(float(slope))
-        if inter is not None and np.isfinite(inter) and inter != 0:
+        if shift:
             out.add_(float(inter))
         return out.numpy()
 

@@ -7,8 +7,9 @@ which keeps the PyTorch network for its weights and runs the forward pass in ONN
   (``weights_only=True``); ``load_state_dict`` goes to the PyTorch network;
 * on the first forward pass after weights are loaded, the network is exported (legacy TorchScript-based
   exporter, opset 17, dynamic batch, at ``input_shape``) to ``onnx_path``, unless that file was
-  exported from the same weights before (a SHA-256 of the weights is stored in the model's metadata);
-  the file is written under a temporary name and renamed;
+  exported before from the same weights, input shape, opset and package versions (a SHA-256 of them
+  is stored in the model's metadata); the file is written under a temporary name and renamed;
+* sessions are built under a lock, so concurrent callers (a MONAI Label server) share one;
 * the session is checked against PyTorch on a random batch of two: logits must agree within
   ``atol`` (default 1e-3), else a ``RuntimeError`` names the difference.
 """
@@ -19,6 +20,7 @@ import hashlib
 import io
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +29,8 @@ from torch import nn
 
 __all__ = ["OnnxRuntimeNetwork", "weights_digest"]
 
-_DIGEST_KEY = "msa2net_weights_sha256"
+_DIGEST_KEY = "msa2net_export_sha256"
+_OPSET = 17
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -67,11 +70,13 @@ class OnnxRuntimeNetwork(nn.Module):
         self.threads = threads or os.cpu_count()
         self.atol = atol
         self._session = None
+        self._lock = threading.Lock()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # Checkpoints hold the PyTorch network's keys; new weights need a new export.
-        self._session = None
-        return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
+        with self._lock:
+            self._session = None
+            return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def state_dict(self, *args, **kwargs):
         return self.network.state_dict(*args, **kwargs)
@@ -83,7 +88,7 @@ class OnnxRuntimeNetwork(nn.Module):
         with torch.no_grad():
             torch.onnx.export(
                 self.network, torch.rand(self.input_shape), buf, input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=_OPSET, dynamo=False,
             )
         model = onnx.load_from_string(buf.getvalue())
         onnx.helper.set_model_props(model, {_DIGEST_KEY: digest})
@@ -92,7 +97,11 @@ class OnnxRuntimeNetwork(nn.Module):
     def _model_bytes(self) -> bytes:
         import onnx
 
-        digest = weights_digest(self.network)
+        import msa2net
+
+        # The export fixes the spatial size (and follows the code and exporter): all are part of the key.
+        key = f"{weights_digest(self.network)}:{self.input_shape}:{_OPSET}:{msa2net.__version__}:{torch.__version__}"
+        digest = hashlib.sha256(key.encode()).hexdigest()
         if self.onnx_path.is_file():
             try:
                 props = {p.key: p.value for p in onnx.load(str(self.onnx_path), load_external_data=False).metadata_props}
@@ -115,22 +124,26 @@ class OnnxRuntimeNetwork(nn.Module):
 
     def session(self):
         """The ONNX Runtime session for the current weights (exported and checked on first use)."""
-        if self._session is None:
-            import onnxruntime as ort
+        with self._lock:
+            if self._session is None:
+                self._session = self._new_session()
+            return self._session
 
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            sess = ort.InferenceSession(self._model_bytes(), so, providers=["CPUExecutionProvider"])
-            x = torch.rand((2, *self.input_shape[1:]))
-            with torch.no_grad():
-                ref = self.network(x)
-            diff = (torch.from_numpy(sess.run(None, {"image": x.numpy()})[0]) - ref).abs().max().item()
-            if not diff <= self.atol:
-                raise RuntimeError(f"{self.onnx_path}: ONNX Runtime logits differ from PyTorch by {diff:.3g} (limit {self.atol}).")
-            self._session = sess
-        return self._session
+    def _new_session(self):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(self._model_bytes(), so, providers=["CPUExecutionProvider"])
+        x = torch.rand((2, *self.input_shape[1:]))
+        with torch.no_grad():
+            ref = self.network(x)
+        diff = (torch.from_numpy(sess.run(None, {"image": x.numpy()})[0]) - ref).abs().max().item()
+        if not diff <= self.atol:
+            raise RuntimeError(f"{self.onnx_path}: ONNX Runtime logits differ from PyTorch by {diff:.3g} (limit {self.atol}).")
+        return sess
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session().run(None, {"image": x.detach().float().cpu().contiguous().numpy()})[0]
