@@ -41,14 +41,17 @@ class _ReusedGradBuffer(torch.autograd.Function):
         return _ReusedGradBuffer.buffer.detach()
 
 
-def _grads_over_steps(protect: bool) -> list[float]:
+def _grads_over_steps(protect: bool, set_to_none: bool = False, accumulate: bool = False) -> list[float]:
     w = torch.nn.Parameter(torch.ones(4))
     _ReusedGradBuffer.buffer = torch.zeros(4)
     hooks = own_gradients(torch.nn.ParameterList([w])) if protect else []
     seen = []
     for _ in range(3):
-        if w.grad is not None:
-            w.grad.zero_()  # zero_grad(set_to_none=False), MONAI's trainer default
+        if w.grad is not None and not accumulate:
+            if set_to_none:
+                w.grad = None
+            else:
+                w.grad.zero_()  # zero_grad(set_to_none=False), MONAI's trainer default
         _ReusedGradBuffer.apply(w).sum().backward()
         seen.append(w.grad[0].item())
     for h in hooks:
@@ -59,6 +62,8 @@ def _grads_over_steps(protect: bool) -> list[float]:
 def test_own_gradients_stop_a_reused_buffer_from_doubling_the_gradient():
     assert _grads_over_steps(protect=False) == [3.0, 6.0, 6.0]  # the hazard, as PyTorch behaves
     assert _grads_over_steps(protect=True) == [3.0, 3.0, 3.0]
+    assert _grads_over_steps(protect=True, set_to_none=True) == [3.0, 3.0, 3.0]
+    assert _grads_over_steps(protect=True, accumulate=True) == [3.0, 6.0, 9.0]  # accumulation still adds
 
 
 @needs_cuda

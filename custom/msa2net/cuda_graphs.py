@@ -14,7 +14,6 @@ stay those of the wrapped module):
   buffers it rewrites on every replay; autograd may keep such a buffer as ``param.grad`` and then
   add the next replay's gradient to itself (twice the gradient once gradients are zeroed in place,
   as MONAI's trainers do by default). :func:`own_gradients` hooks give each parameter a copy instead;
-  ``gpu_train.json`` also sets gradients to ``None`` between steps;
 * inference (eval mode, no gradients): one graph per input shape and dtype, up to ``max_graphs``;
   replays are serialised by a lock, so threads (a MONAI Label server) never share the static buffers;
 * anything else (CPU tensors, gradients in eval mode, ...): the eager module.
@@ -25,6 +24,7 @@ graph must cast the weights itself, not read casts cached outside its memory poo
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -33,14 +33,16 @@ from torch import nn
 __all__ = ["GraphedForward", "own_gradients"]
 
 
-def _own_copy(grad: torch.Tensor) -> torch.Tensor:
-    return grad.clone()
+def _own_copy(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    # Autograd adopts the incoming tensor only when .grad is None; later gradients are added in place.
+    return grad.clone() if param.grad is None else grad
 
 
 def own_gradients(module: nn.Module) -> list:
-    """Hook every trainable parameter so the gradient it accumulates is its own copy, never a buffer
-    that a CUDA graph rewrites on its next replay; returns the hook handles."""
-    return [p.register_hook(_own_copy) for p in module.parameters() if p.requires_grad]
+    """Hook every trainable parameter so that a ``.grad`` it adopts is its own copy, never a buffer
+    that a CUDA graph rewrites on its next replay; returns the hook handles. A copy is made only when
+    ``.grad`` is ``None`` (the first step, or every step if gradients are set to ``None``)."""
+    return [p.register_hook(functools.partial(_own_copy, p)) for p in module.parameters() if p.requires_grad]
 
 
 class _Call(nn.Module):
