@@ -2,7 +2,8 @@
 
 Same run, same inputs, same thread count (default: all cores of the machine): for each preset, eager
 PyTorch (float32, eval, no grad), TorchScript (``torch.jit.trace`` then ``torch.jit.freeze``) and ONNX
-Runtime (legacy TorchScript-based exporter, opset 17, dynamic batch, all graph optimisations), each at
+Runtime (the bundle's ``msa2net.onnx_runtime.OnnxRuntimeNetwork``: legacy TorchScript-based exporter, opset 17,
+dynamic batch, all graph optimisations), each at
 batch 1 (one slice) and at batch ``--volume_slices`` (one ACDC volume of about 10 slices at once, as the
 bundle's SliceInferer batches them). The largest logit difference against eager is recorded (target < 1e-3).
 
@@ -12,15 +13,17 @@ bundle's SliceInferer batches them). The largest logit difference against eager 
 from __future__ import annotations
 
 import argparse
-import io
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from common import env_header, env_info, md_table, write_results  # noqa: I001
 from msa2net.networks import create_msa2net
+from msa2net.onnx_runtime import OnnxRuntimeNetwork
 
 
 def median_time(fn, warmup, iters):
@@ -45,7 +48,7 @@ def main() -> None:
     ap.add_argument("--out_dir", default=None)
     ap.add_argument("--name", default="cpu")
     args = ap.parse_args()
-    import onnxruntime as ort
+    scratch = tempfile.mkdtemp(prefix="bench_cpu_")
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -57,19 +60,13 @@ def main() -> None:
         with torch.no_grad():
             ref1, refv = net(x1), net(xv)
             traced = torch.jit.freeze(torch.jit.trace(net, torch.rand(2, 1, 224, 224)))
-        buf = io.BytesIO()
-        torch.onnx.export(net, torch.rand(2, 1, 224, 224), buf, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+        # the bundle's own ONNX Runtime backend (configs/inference_onnxruntime.json), exported to a scratch file
+        ort_net = OnnxRuntimeNetwork(net, Path(scratch) / f"{preset}.onnx", (1, 1, 224, 224), threads=args.threads)
         row = {"preset": preset, "params_M": sum(p.numel() for p in net.parameters()) / 1e6, "threads": args.threads}
         runners = {
             "eager": lambda x: net(x),
             "torchscript": lambda x: traced(x),
-            "onnxruntime": lambda x: torch.from_numpy(sess.run(None, {"image": x.numpy()})[0]),
+            "onnxruntime": ort_net,
         }
         for name, run in runners.items():
             with torch.no_grad():

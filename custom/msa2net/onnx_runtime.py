@@ -10,8 +10,8 @@ which keeps the PyTorch network for its weights and runs the forward pass in ONN
   exported before from the same weights, input shape, opset and package versions (a SHA-256 of them
   is stored in the model's metadata); the file is written under a temporary name and renamed;
 * sessions are built under a lock, so concurrent callers (a MONAI Label server) share one;
-* the session is checked against PyTorch on a random batch of two: logits must agree within
-  ``atol`` (default 1e-3), else a ``RuntimeError`` names the difference.
+* the session is checked against PyTorch on a random batch of two (:func:`msa2net.export.check_exported`):
+  logits must agree within ``atol`` (default 1e-3), else a ``RuntimeError`` names the difference.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from msa2net.export import check_exported
 
 __all__ = ["OnnxRuntimeNetwork", "weights_digest"]
 
@@ -137,12 +139,10 @@ class OnnxRuntimeNetwork(nn.Module):
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sess = ort.InferenceSession(self._model_bytes(), so, providers=["CPUExecutionProvider"])
-        x = torch.rand((2, *self.input_shape[1:]))
-        with torch.no_grad():
-            ref = self.network(x)
-        diff = (torch.from_numpy(sess.run(None, {"image": x.numpy()})[0]) - ref).abs().max().item()
-        if not diff <= self.atol:
-            raise RuntimeError(f"{self.onnx_path}: ONNX Runtime logits differ from PyTorch by {diff:.3g} (limit {self.atol}).")
+        try:
+            check_exported(lambda x: sess.run(None, {"image": x.numpy()})[0], self.network, self.input_shape, self.atol, batch_sizes=(2,))
+        except AssertionError as e:
+            raise RuntimeError(f"{self.onnx_path}: ONNX Runtime disagrees with PyTorch: {e}") from None
         return sess
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
