@@ -1,7 +1,7 @@
 """Measure training images/s of one MSA2-Net preset for a few settings, to choose the GPU training setup.
 
-Each setting runs the bundle's training step (DiceCE 0.5/0.5, SGD momentum 0.9, wd 1e-4, autocast with
-MONAI's GradScaler, the loss read back each step as the bundle's TrainingLogWriter does) on batches from
+Each setting runs ``benchmarks/bench_train.py``'s ``timed_steps`` (the bundle's training step: DiceCE 0.5/0.5,
+SGD momentum 0.9, wd 1e-4, autocast with a GradScaler, the loss read back each step) on batches from
 :class:`msa2net.data.gpu_loader.GPUSliceLoader` over random slices, after a warm-up. Settings are tried
 in a fixed sequence: SACM form (kernel, sum), then channels-last for the better form, then a larger
 batch for the better layout. Prints one JSON object; ``--out`` also writes it.
@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
-from monai.losses import DiceCELoss
 
 from msa2net.data.gpu_loader import GPUSliceLoader
 from msa2net.networks import create_msa2net
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from bench_train import timed_steps  # noqa: E402  (the training step the benchmarks time)
 
 
 def measure(preset, form, channels_last, batch, steps, warmup, device, dtype, num_classes=4, size=224):
@@ -32,38 +35,13 @@ def measure(preset, form, channels_last, batch, steps, warmup, device, dtype, nu
         for _ in range(max(1, (batch * 4) // 16))
     ]
     loader = GPUSliceLoader(items, batch_size=batch, device=device, channels_last=channels_last, samples_per_epoch=10**9)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    it = iter(loader)
-    net.train()
-
-    def step():
-        batch_ = next(it)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            loss = loss_fn(net(batch_["image"]), batch_["label"])
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return float(loss.detach())
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    rate = timed_steps(net, iter(loader), steps, warmup, device, dtype)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    del net, opt, loader
+    del net, loader
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return {"form": form, "channels_last": channels_last, "batch": batch, "images_per_s": steps * batch / dt, "peak_gib": mem}
+    return {"form": form, "channels_last": channels_last, "batch": batch, "images_per_s": rate, "peak_gib": mem}
 
 
 def main() -> None:
@@ -86,20 +64,15 @@ def main() -> None:
             form, cl, batch = spec.split(":")
             runs.append(measure(args.preset, form, bool(int(cl)), int(batch), **kw))
         choice = max(runs, key=lambda r: r["images_per_s"])
-        result = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "runs": runs, "choice": choice}
-        print(json.dumps(result))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
-        return
-    runs = [measure(args.preset, f, False, args.batch, **kw) for f in ("kernel", "sum")]
-    best = max(runs, key=lambda r: r["images_per_s"])
-    runs.append(measure(args.preset, best["form"], True, args.batch, **kw))
-    best = max(runs, key=lambda r: r["images_per_s"])
-    runs.append(measure(args.preset, best["form"], best["channels_last"], args.big_batch, **kw))
-    big = runs[-1]
-    # a larger batch must pay clearly (fewer optimiser steps per sample otherwise)
-    choice = big if big["images_per_s"] > 1.2 * best["images_per_s"] else best
+    else:
+        runs = [measure(args.preset, f, False, args.batch, **kw) for f in ("kernel", "sum")]
+        best = max(runs, key=lambda r: r["images_per_s"])
+        runs.append(measure(args.preset, best["form"], True, args.batch, **kw))
+        best = max(runs, key=lambda r: r["images_per_s"])
+        runs.append(measure(args.preset, best["form"], best["channels_last"], args.big_batch, **kw))
+        big = runs[-1]
+        # a larger batch must pay clearly (fewer optimiser steps per sample otherwise)
+        choice = big if big["images_per_s"] > 1.2 * best["images_per_s"] else best
     result = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "runs": runs, "choice": choice}
     print(json.dumps(result))
     if args.out:
