@@ -105,12 +105,13 @@ class OnnxRuntimeNetwork(nn.Module):
         key = f"{weights_digest(self.network)}:{self.input_shape}:{_OPSET}:{msa2net.__version__}:{torch.__version__}"
         digest = hashlib.sha256(key.encode()).hexdigest()
         if self.onnx_path.is_file():
+            cached = self.onnx_path.read_bytes()
             try:
-                props = {p.key: p.value for p in onnx.load(str(self.onnx_path), load_external_data=False).metadata_props}
+                props = {p.key: p.value for p in onnx.load_from_string(cached).metadata_props}
             except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
                 props = {}
             if props.get(_DIGEST_KEY) == digest:
-                return self.onnx_path.read_bytes()
+                return cached
         blob = self._export(digest)
         target = self.onnx_path
         try:
