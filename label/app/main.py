@@ -52,6 +52,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.config import settings
+from msa2net.handlers import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +91,6 @@ def resolve_weights(bundle_dir: str, requested: Any = None) -> str:
             )
         return path
     return os.path.join(bundle_dir, "models", weights_choices(bundle_dir)[0])
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 _sha_cache: Dict[tuple, str] = {}
