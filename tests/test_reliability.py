@@ -18,7 +18,8 @@ import torch
 
 from conftest import BUNDLE, SYNTHETIC, bundle_cmd, shared_data
 from msa2net.data.datalist import DatalistError, load_datalist
-from msa2net.handlers import atomic_torch_save
+from ignite.engine import Engine, Events
+from msa2net.handlers import ResumeCheckpoint, atomic_torch_save
 from msa2net.inference import load_weights
 from msa2net.networks import create_msa2net
 
@@ -183,6 +184,27 @@ def test_atomic_save_keeps_the_previous_checkpoint_on_failure(tmp_path):
         atomic_torch_save({"epoch": 2, "bad": lambda: None}, path)  # lambdas cannot be pickled
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["resume.pt"]
+
+
+def test_resume_checkpoint_saves_every_interval_and_at_the_end(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    saver = ResumeCheckpoint(tmp_path / "resume.pt", {"model": net}, interval=3)
+    saved_after = []
+    trainer = Engine(lambda engine, batch: None)
+    saver.attach(trainer)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def record(engine):
+        path = tmp_path / "resume.pt"
+        if path.is_file():
+            state = torch.load(path, weights_only=True)["trainer"]
+            saved_after.append(state["iteration"] // state["epoch_length"])
+            path.unlink()
+
+    trainer.run([0, 1], max_epochs=7)
+    assert saved_after == [3, 6, 7]
+    with pytest.raises(ValueError, match="interval"):
+        ResumeCheckpoint(tmp_path / "r.pt", {"model": net}, interval=0)
 
 
 def test_datalist_paths_cannot_escape_the_dataset_root(tmp_path):
