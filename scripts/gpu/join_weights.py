@@ -1,13 +1,13 @@
 """Reassemble a checkpoint that came back from the device in parts, check it, and install it.
 
-The device run (``scripts/gpu/acdc_train.py``) saves the best weights as ``{"model": state_dict}`` with
+The device run (``scripts/gpu/run_jobs.py --package NAME``, earlier ``scripts/gpu/acdc_train.py``) saves the best weights as ``{"model": state_dict}`` with
 floating tensors in float16 (the format the bundle's BestModelSaver writes, loadable by MONAI's
 CheckpointLoader with ``load_dict={"model": network}``) and splits the file into ``*.part0``, ``*.part1``
 (files back from the device are at most 16 MB). This joins the parts, checks the SHA-256 recorded in the
 run's ``summary.json``, loads the result with ``weights_only=True`` into the preset's network, checks the
 size limit and writes it to ``--dest``.
 
-    python scripts/gpu/join_weights.py /work/.device/3 --preset base --dest bundle/models/model.pt
+    python scripts/gpu/join_weights.py /work/.device/1 --stem base_full_fp16.pt --preset base --dest bundle/models/model.pt
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def main() -> None:
     blob = b"".join((run / f"{args.stem}.part{i}").read_bytes() for i in range(2))
     digest = hashlib.sha256(blob).hexdigest()
     summary = json.loads((run / "summary.json").read_text())
-    expected = summary.get("base_fp16", {}).get("sha256")
+    job = args.stem.removesuffix("_fp16.pt")
+    packaged = [j.get("package", {}) for j in summary.get("jobs", []) if j.get("name") == job]
+    expected = packaged[0].get("sha256") if packaged else summary.get("base_fp16", {}).get("sha256")
     if expected and expected != digest:
         raise SystemExit(f"sha256 mismatch: {digest} != {expected}")
     ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
