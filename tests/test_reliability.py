@@ -20,19 +20,28 @@ from conftest import BUNDLE, SYNTHETIC, bundle_cmd, shared_data
 from msa2net.data.datalist import DatalistError, load_datalist
 from ignite.engine import Engine, Events
 from msa2net.handlers import ResumeCheckpoint, atomic_torch_save
+from msa2net.dicom import check_dicom_series
 from msa2net.inference import load_weights
+from msa2net.transforms import InputError
 from msa2net.networks import create_msa2net
 
 
-def write_dicom_series(arr_zyx: np.ndarray, folder, spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 30.0), skip=(), uid="1.2.826.0.1.3680043.8.498.1"):
-    """One DICOM CT file per slice with its own position, all in one series (ITK/GDCM writer)."""
+def write_dicom_series(
+    arr_zyx: np.ndarray, folder, spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 30.0), skip=(), uid="1.2.826.0.1.3680043.8.498.1",
+    shift: dict | None = None, tilt_mm: float = 0.0,
+):
+    """One DICOM CT file per slice with its own position, all in one series (ITK/GDCM writer).
+
+    ``shift`` moves slice ``k`` by ``shift[k]`` mm along the normal; ``tilt_mm`` moves each slice that far in y per slice.
+    """
     os.makedirs(folder, exist_ok=True)
     for k in range(arr_zyx.shape[0]):
         if k in skip:
             continue
         img = itk.image_from_array(np.ascontiguousarray(arr_zyx[k : k + 1]))
         img.SetSpacing(list(spacing))
-        img.SetOrigin([origin[0], origin[1], origin[2] + k * spacing[2]])
+        z = origin[2] + k * spacing[2] + (shift or {}).get(k, 0.0)
+        img.SetOrigin([origin[0], origin[1] + k * tilt_mm, z])
         io = itk.GDCMImageIO.New()
         io.KeepOriginalUIDOn()
         meta = img.GetMetaDataDictionary()
@@ -184,6 +193,24 @@ def test_atomic_save_keeps_the_previous_checkpoint_on_failure(tmp_path):
         atomic_torch_save({"epoch": 2, "bad": lambda: None}, path)  # lambdas cannot be pickled
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["resume.pt"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, problem",
+    [
+        ({"shift": {3: 0.05 * 2.5}}, "a slice is missing"),  # one gap 5 % off: refused, as by the Deploy app
+        ({"tilt_mm": 0.5}, "drift"),
+        ({"shift": {3: 0.005 * 2.5}}, None),  # 0.5 %: within the shared tolerance
+    ],
+)
+def test_dicom_series_check_uses_the_deploy_apps_tolerance(tmp_path, kwargs, problem):
+    series = np.random.default_rng(0).integers(0, 800, (6, 16, 16)).astype(np.int16)
+    write_dicom_series(series, tmp_path / "s", **kwargs)
+    if problem is None:
+        check_dicom_series(tmp_path / "s")
+    else:
+        with pytest.raises(InputError, match=problem):
+            check_dicom_series(tmp_path / "s")
 
 
 def test_resume_checkpoint_saves_every_interval_and_at_the_end(tmp_path):

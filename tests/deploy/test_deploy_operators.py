@@ -113,6 +113,20 @@ def test_check_series_rejects_missing_slice_and_tilt(ct_series):
         ops.check_series(datasets)
 
 
+@pytest.mark.parametrize("fraction, refused", [(0.05, True), (0.005, False)])
+def test_check_series_gap_tolerance_matches_the_bundle(ct_series, fraction, refused):
+    """One slice moved along the normal by a fraction of the gap; the bundle's check_dicom_series uses the same rule."""
+    datasets = sorted(_read(ct_series), key=lambda d: float(d.ImagePositionPatient[2]))
+    gap = float(datasets[1].ImagePositionPatient[2]) - float(datasets[0].ImagePositionPatient[2])
+    ipp = [float(v) for v in datasets[3].ImagePositionPatient]
+    datasets[3].ImagePositionPatient = [ipp[0], ipp[1], ipp[2] + fraction * gap]
+    if refused:
+        with pytest.raises(ops.SeriesGeometryError, match="slice spacing is not uniform"):
+            ops.check_series(datasets)
+    else:
+        ops.check_series(datasets)
+
+
 def test_repair_identifiers_fills_blank_uids_deterministically(ct_series):
     a, b = _read(ct_series)[:2]
     meta_uid = str(a.file_meta.MediaStorageSOPInstanceUID)
