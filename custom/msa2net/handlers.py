@@ -171,14 +171,15 @@ class BestModelSaver:
 
 
 class ResumeCheckpoint:
-    """Resumable training: save everything needed after each epoch, reload it when the same run starts again.
+    """Resumable training: save everything needed every few epochs, reload it when the same run starts again.
 
     After every ``interval``-th and the last epoch the objects of ``save_dict`` (model, optimizer,
     scheduler, best-metric state, ...) and the trainer it is attached to (key ``trainer``) are written
-    atomically to ``checkpoint_file`` (a paper-size model with AdamW state is ~320 MB, so fast GPU runs
-    save every few epochs rather than every epoch). When
-    training starts and that file exists, they are restored, so a killed run restarted with
-    the same command continues after its last complete epoch and ends at ``max_epochs``.
+    atomically to ``checkpoint_file``. When training starts and that file exists, they are restored,
+    so a killed run restarted with the same command continues after the last saved epoch (up to
+    ``interval - 1`` epochs are done again) and ends at ``max_epochs``. Keep validations on saved
+    epochs (``gpu_train.json`` saves with each validation): otherwise a resumed run can forget a best
+    metric reached after the last save and let a worse model overwrite the best one.
     The file is read with ``weights_only=True``.
     """
 
