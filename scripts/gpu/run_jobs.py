@@ -38,11 +38,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from msa2net.handlers import atomic_write_text
+
 T0 = time.time()
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundle"
 THRESHOLDS = (0.80, 0.85, 0.88, 0.90, 0.92, 0.926)
 EVAL_RESERVE_S = 45.0
+TRAINER_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*SupervisedTrainer - INFO - Engine run")
 
 
 def log(msg: str) -> None:
@@ -83,6 +86,15 @@ def read_curve(csv_path: Path) -> list[dict]:
     return rows
 
 
+def trainer_start(log_path: Path) -> float | None:
+    """Wall time at which the trainer began its first epoch, from the bundle's log (None if it never did)."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        m = TRAINER_START.match(line)
+        if m:
+            return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return None
+
+
 def run_job(job: dict, args: argparse.Namespace, work: Path, retry_eager: bool = True) -> None:
     d = work / job["name"]
     d.mkdir(parents=True, exist_ok=True)
@@ -92,7 +104,7 @@ def run_job(job: dict, args: argparse.Namespace, work: Path, retry_eager: bool =
     data = str(Path(args.dataset_dir).resolve())
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=job["gpu"], PYTHONUNBUFFERED="1")
     # As torchrun does for several processes: each job gets a share of the cores. In run 5 every job used
-    # all cores and the concurrent start-ups took 75-115 s (8 s for a job alone); not re-measured since.
+    # all cores and the concurrent start-ups took 72-116 s; not re-measured since.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.concurrent)))
     left = args.deadline_s - (time.time() - T0) - EVAL_RESERVE_S
     if left < 60:
@@ -121,7 +133,8 @@ def run_job(job: dict, args: argparse.Namespace, work: Path, retry_eager: bool =
         run_job(job, args, work, retry_eager=False)
         return
     vals = [r for r in curve if r["val"] is not None]
-    startup = wall - curve[-1]["elapsed_s"] if curve else None
+    started = trainer_start(d / "train.log")
+    startup = started - launched if started is not None else None
     best = max(vals, key=lambda r: r["val"]) if vals else None
     job.update(
         rc=rc,
@@ -146,7 +159,8 @@ def run_job(job: dict, args: argparse.Namespace, work: Path, retry_eager: bool =
         *job["args"],
     ]
     with open(d / "evaluate.log", "w") as f:
-        erc = subprocess.run(["timeout", "-k", "10", "120", *ecmd], cwd=BUNDLE, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        eval_s = max(20, int(args.deadline_s - (time.time() - T0)))
+        erc = subprocess.run(["timeout", "-k", "5", str(eval_s), *ecmd], cwd=BUNDLE, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     summary = d / "evaluate" / "metrics_summary.json"
     job["evaluation"] = json.loads(summary.read_text()) if summary.is_file() else {"rc": erc}
     log(f"{job['name']}: evaluated (rc={erc})")
@@ -211,6 +225,14 @@ def main() -> None:
         queues.setdefault(job["queue"], []).append(job)
     args.concurrent = len(queues)
 
+    lock = threading.Lock()
+
+    def write_summary() -> None:
+        # After every job, so a call killed at its limit still brings back the jobs already done.
+        with lock:
+            summary["finished_s"] = round(time.time() - T0, 1)
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+
     def run_queue(q: list[dict]) -> None:
         for job in q:
             try:
@@ -218,6 +240,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - one broken job must not lose the others' results
                 job["error"] = repr(e)
                 log(f"{job['name']}: {e!r}")
+            write_summary()
 
     threads = [threading.Thread(target=run_queue, args=(q,)) for q in queues.values()]
     for t in threads:
@@ -230,8 +253,7 @@ def main() -> None:
             package(job, work, out)
         except Exception as e:  # noqa: BLE001
             job["package"] = {"error": repr(e)}
-    summary["finished_s"] = round(time.time() - T0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_summary()
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
         for p in sorted(work.rglob("*")):
             if p.is_file() and (p.suffix in (".log", ".csv", ".json")):
