@@ -20,11 +20,11 @@ def check_dicom_series(folder: str | os.PathLike, rel_tol: float = 0.01, abs_tol
     give a volume whose geometry is wrong. Raises :class:`InputError` ``"<folder>: <problem>"`` for:
     no readable DICOM image, more than one series, two slices at one position, a gap between
     slices that differs from the median gap by more than ``max(abs_tol mm, rel_tol * gap)``, or
-    consecutive positions that drift in-plane by more than that bound. The rule and tolerances are
-    those of the MONAI Deploy application's ``check_series`` (``deploy/app/seg_operators.py``, which
-    reads the same tags with pydicom and stays self-contained for packaging), so a series that one
-    refuses the other refuses too (both are tested with the same displacements: one slice moved by 5 % and
-    by 0.5 % of the gap, and a 0.5 mm per slice tilt).
+    consecutive positions that drift in-plane by more than that bound. This gap and drift rule, with
+    its tolerances, is the one of the MONAI Deploy application's ``check_series``
+    (``deploy/app/seg_operators.py``, which reads the positions with pydicom and stays self-contained
+    for packaging; both are tested with a slice moved by 5 % and 0.5 % of the gap). The Deploy app
+    also checks orientation, pixel spacing and SOP class per slice; this check does not.
     """
     import itk
 

@@ -114,8 +114,8 @@ def test_check_series_rejects_missing_slice_and_tilt(ct_series):
 
 
 @pytest.mark.parametrize("fraction, refused", [(0.05, True), (0.005, False)])
-def test_check_series_gap_tolerance_matches_the_bundle(ct_series, fraction, refused):
-    """One slice moved along the normal by a fraction of the gap; the bundle's check_dicom_series uses the same rule."""
+def test_check_series_gap_tolerance(ct_series, fraction, refused):
+    """One slice moved along the normal by a fraction of the gap: the displacements the bundle's own check is tested with."""
     datasets = sorted(_read(ct_series), key=lambda d: float(d.ImagePositionPatient[2]))
     gap = float(datasets[1].ImagePositionPatient[2]) - float(datasets[0].ImagePositionPatient[2])
     ipp = [float(v) for v in datasets[3].ImagePositionPatient]
