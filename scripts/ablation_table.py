@@ -2,8 +2,8 @@
 
     python scripts/ablation_table.py bundle/docs/results/run5_h200_x4 --reference paper_full
 
-For every job of the run folder's ``summary_*.json``: parameters (the network built here from the job's
-arguments), epochs done of those planned, best validation epoch, the float32 evaluation of the best
+For every job of the run folder's ``summary_*.json``: parameters (the job's ``network_def``, parsed
+from the bundle's configs with the job's config files and overrides), epochs done of those planned, best validation epoch, the float32 evaluation of the best
 checkpoint (mean and per-class Dice, HD95), the mean Dice difference to ``--reference`` with a 95 %
 paired bootstrap interval over the validation volumes (the same volumes in every run), how many volumes
 score lower than with the reference and the Wilcoxon signed-rank p-value of the per-volume differences,
@@ -16,6 +16,7 @@ Prints a Markdown table and writes ``table.json`` beside the records.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import statistics
@@ -23,24 +24,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from scipy.stats import wilcoxon
 
-from msa2net.networks import create_msa2net
-
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 BOOTSTRAP_SAMPLES = 10000
 
 
-def build(job: dict, num_classes: int) -> torch.nn.Module:
-    """The job's network, from its ``+config`` files and ``--key value`` overrides (the subset run_jobs uses)."""
-    from monai.networks.nets import BasicUNet, SwinUNETR
+def _cli_value(text: str):
+    """A ``--key value`` override as the bundle's command line (fire) reads it: a Python literal, else a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
-    args = dict(zip(job["args"][::2], job["args"][1::2]))
-    if any("basic_unet" in c for c in job["configs"]):
-        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=num_classes)
-    if any("swin_unetr" in c for c in job["configs"]):
-        return SwinUNETR(in_channels=1, out_channels=num_classes, feature_size=48, spatial_dims=2)
-    overrides = {k.split("#", 1)[1]: v == "True" for k, v in args.items() if k.startswith("--network_def#")}
-    return create_msa2net(args.get("--model_preset", "base"), in_channels=1, num_classes=num_classes, **overrides)
+
+def build(job: dict, profile: str) -> torch.nn.Module:
+    """The job's ``network_def`` from the configs its training used, with its ``--key value`` overrides."""
+    parser = ConfigParser()
+    configs = ["configs/train.json", f"configs/profiles/{profile}.json", *job["configs"]]
+    parser.read_config([str(BUNDLE / c) for c in configs])
+    for key, value in zip(job["args"][::2], job["args"][1::2]):
+        parser[key.lstrip("-")] = _cli_value(value)
+    return parser.get_parsed_content("network_def")
 
 
 def per_case(run: Path, name: str) -> dict[str, float]:
@@ -70,7 +76,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
     ap.add_argument("--reference", default="paper_full")
-    ap.add_argument("--num_classes", type=int, default=4)
     args = ap.parse_args()
     run = Path(args.run_dir)
     jobs, planned = [], None
@@ -78,7 +83,7 @@ def main() -> None:
         s = json.loads(f.read_text())
         planned = s["schedule"]["epochs"]
         gpus = s["env"]["gpus"]
-        jobs += [dict(j, card=gpus[int(j["gpu"])].split(", ")[1]) for j in s["jobs"]]
+        jobs += [dict(j, card=gpus[int(j["gpu"])].split(", ")[1], profile=s["schedule"]["profile"]) for j in s["jobs"]]
     ref = per_case(run, args.reference)
     rows = []
     for j in jobs:
@@ -91,7 +96,7 @@ def main() -> None:
             {
                 "name": j["name"],
                 "card": j["card"],
-                "params_m": round(sum(p.numel() for p in build(j, args.num_classes).parameters()) / 1e6, 1),
+                "params_m": round(sum(p.numel() for p in build(j, j["profile"]).parameters()) / 1e6, 1),
                 "epochs": f"{j['epochs_done']}/{planned}",
                 "best_epoch": j["best_val"]["epoch"],
                 "dice": round(ev["val_mean_dice"]["mean"], 4),
