@@ -1,10 +1,10 @@
 """Reassemble a checkpoint that came back from the device in parts, check it, and install it.
 
-The device run (``scripts/gpu/run_jobs.py --package NAME``, earlier ``scripts/gpu/acdc_train.py``) saves the best weights as ``{"model": state_dict}`` with
+The device run (``scripts/gpu/run_jobs.py --package NAME``) saves the best weights as ``{"model": state_dict}`` with
 floating tensors in float16 (the format the bundle's BestModelSaver writes, loadable by MONAI's
 CheckpointLoader with ``load_dict={"model": network}``) and splits the file into ``*.part0``, ``*.part1``
 (files back from the device are at most 16 MB). This joins the parts, checks the SHA-256 recorded in the
-run's ``summary.json``, loads the result with ``weights_only=True`` into the preset's network, checks the
+run's ``summary.json`` for that job, loads the result with ``weights_only=True`` into the preset's network, checks the
 size limit and writes it to ``--dest``.
 
     python scripts/gpu/join_weights.py /work/.device/1 --stem base_full_fp16.pt --preset base --dest bundle/models/model.pt
@@ -26,8 +26,8 @@ from msa2net.networks import create_msa2net
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("run_dir", help="folder with base_fp16.pt.part0/1 and summary.json")
-    ap.add_argument("--stem", default="base_fp16.pt")
+    ap.add_argument("run_dir", help="folder with NAME_fp16.pt.part0/1 and summary.json")
+    ap.add_argument("--stem", required=True, help="NAME_fp16.pt, NAME being the packaged job")
     ap.add_argument("--preset", default="base")
     ap.add_argument("--num_classes", type=int, default=4)
     ap.add_argument("--dest", default="bundle/models/model.pt")
@@ -39,9 +39,9 @@ def main() -> None:
     summary = json.loads((run / "summary.json").read_text())
     job = args.stem.removesuffix("_fp16.pt")
     packaged = [j.get("package", {}) for j in summary.get("jobs", []) if j.get("name") == job]
-    expected = packaged[0].get("sha256") if packaged else summary.get("base_fp16", {}).get("sha256")
-    if expected and expected != digest:
-        raise SystemExit(f"sha256 mismatch: {digest} != {expected}")
+    expected = packaged[0].get("sha256") if packaged else None
+    if expected != digest:
+        raise SystemExit(f"sha256 {digest} does not match the device's record for job {job!r}: {expected}")
     ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     if set(ckpt) != {"model"}:
         raise SystemExit(f"unexpected checkpoint keys {sorted(ckpt)}")
