@@ -19,7 +19,7 @@ import torch
 from conftest import BUNDLE, SYNTHETIC, bundle_cmd, shared_data
 from msa2net.data.datalist import DatalistError, load_datalist
 from ignite.engine import Engine, Events
-from msa2net.handlers import ResumeCheckpoint, atomic_torch_save
+from msa2net.handlers import BestMetricState, ResumeCheckpoint, atomic_torch_save
 from msa2net.dicom import check_dicom_series
 from msa2net.inference import load_weights
 from msa2net.transforms import InputError
@@ -213,12 +213,13 @@ def test_dicom_series_check_uses_the_deploy_apps_tolerance(tmp_path, kwargs, pro
             check_dicom_series(tmp_path / "s")
 
 
-def test_resume_checkpoint_saves_every_interval_and_at_the_end(tmp_path):
-    net = torch.nn.Linear(2, 1)
-    saver = ResumeCheckpoint(tmp_path / "resume.pt", {"model": net}, interval=3)
-    saved_after = []
+def _saved_epochs(tmp_path, save_dict: dict, interval: int, before_save=None) -> list[int]:
+    """Run a 7-epoch trainer with ResumeCheckpoint; the epochs after which it wrote the resume file."""
     trainer = Engine(lambda engine, batch: None)
-    saver.attach(trainer)
+    if before_save is not None:  # like train.json's validation handler, registered before the saver
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, before_save)
+    ResumeCheckpoint(tmp_path / "resume.pt", save_dict, interval=interval).attach(trainer)
+    saved_after = []
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def record(engine):
@@ -229,9 +230,26 @@ def test_resume_checkpoint_saves_every_interval_and_at_the_end(tmp_path):
             path.unlink()
 
     trainer.run([0, 1], max_epochs=7)
-    assert saved_after == [3, 6, 7]
+    return saved_after
+
+
+def test_resume_checkpoint_saves_every_interval_and_at_the_end(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    assert _saved_epochs(tmp_path, {"model": net}, interval=3) == [3, 6, 7]
     with pytest.raises(ValueError, match="interval"):
         ResumeCheckpoint(tmp_path / "r.pt", {"model": net}, interval=0)
+
+
+def test_resume_checkpoint_saves_a_new_best_between_intervals(tmp_path):
+    evaluator = Engine(lambda engine, batch: None)
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = 0.5, -1
+
+    def validate(engine):
+        if engine.state.epoch == 4:
+            evaluator.state.best_metric, evaluator.state.best_metric_epoch = 0.9, 4
+
+    save_dict = {"model": torch.nn.Linear(2, 1), "best": BestMetricState(evaluator)}
+    assert _saved_epochs(tmp_path, save_dict, interval=3, before_save=validate) == [3, 4, 6, 7]
 
 
 def test_datalist_paths_cannot_escape_the_dataset_root(tmp_path):

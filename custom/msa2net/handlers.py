@@ -173,14 +173,14 @@ class BestModelSaver:
 class ResumeCheckpoint:
     """Resumable training: save everything needed every few epochs, reload it when the same run starts again.
 
-    After every ``interval``-th and the last epoch the objects of ``save_dict`` (model, optimizer,
-    scheduler, best-metric state, ...) and the trainer it is attached to (key ``trainer``) are written
-    atomically to ``checkpoint_file``. When training starts and that file exists, they are restored,
-    so a killed run restarted with the same command continues after the last saved epoch (up to
-    ``interval - 1`` epochs are done again) and ends at ``max_epochs``. Keep validations on saved
-    epochs (``gpu_train.json`` saves with each validation): otherwise a resumed run can forget a best
-    metric reached after the last save and let a worse model overwrite the best one.
-    The file is read with ``weights_only=True``.
+    After every ``interval``-th and the last epoch, and after any epoch in which a
+    :class:`BestMetricState` of ``save_dict`` reached a new best, the objects of ``save_dict`` (model,
+    optimizer, scheduler, best-metric state, ...) and the trainer it is attached to (key ``trainer``)
+    are written atomically to ``checkpoint_file``. Saving at each new best keeps the resume state in
+    step with the best model on disk: a resumed run never forgets a best metric and lets a worse model
+    overwrite the best one. When training starts and that file exists, they are restored, so a killed
+    run restarted with the same command continues after the last saved epoch (up to ``interval - 1``
+    epochs are done again) and ends at ``max_epochs``. The file is read with ``weights_only=True``.
     """
 
     def __init__(self, checkpoint_file: str, save_dict: dict, map_location=None, interval: int = 1) -> None:
@@ -199,8 +199,11 @@ class ResumeCheckpoint:
         return {**{k: _unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in self.save_dict.items()}, "trainer": engine}
 
     def save(self, engine: Engine) -> None:
-        last = engine.state.epoch >= engine.state.max_epochs
-        if _is_main_process() and (engine.state.epoch % self.interval == 0 or last):
+        epoch = engine.state.epoch
+        new_best = any(
+            isinstance(v, BestMetricState) and v.evaluator.state.best_metric_epoch == epoch for v in self.save_dict.values()
+        )
+        if _is_main_process() and (epoch % self.interval == 0 or epoch >= engine.state.max_epochs or new_best):
             atomic_torch_save({k: v.state_dict() for k, v in self._objects(engine).items()}, self.checkpoint_file)
 
     def resume(self, engine: Engine) -> None:
