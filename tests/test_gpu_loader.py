@@ -1,4 +1,4 @@
-"""GPUSliceLoader on the CPU: shapes, label values, joint image/label motion, determinism, epoch length, bundle use."""
+"""GPUSliceLoader on the CPU (augmentation itself: test_augment.py): shapes, label values, joint image/label motion, determinism, epoch length, bundle use."""
 
 import json
 import math
@@ -30,6 +30,14 @@ def threshold(image):
     return (image[:, :1] > 0.5).to(torch.uint8) + (image[:, :1] > 0.75).to(torch.uint8)
 
 
+#: rot90 and flips only: exact index permutations, so labels stay an exact function of the image.
+EXACT = {"rot90_prob": 0.5, "flip_prob": 0.5}
+#: rotation only (bilinear image, nearest label).
+ROTATE = {"rotate_prob": 1.0, "rotate_range": 0.35}
+#: the bundle's training augmentation.
+FULL = json.loads((BUNDLE / "configs" / "train.json").read_text())["augmentation_params"]
+
+
 @pytest.fixture
 def volumes():
     return [blob_volume(s) for s in range(4)]
@@ -51,7 +59,7 @@ def test_2d_items_and_rgb(volumes):
 
 
 def test_shapes_types_and_label_values(volumes):
-    loader = GPUSliceLoader(volumes, batch_size=8, device="cpu", rotate_prob=1.0)
+    loader = GPUSliceLoader(volumes, batch_size=8, device="cpu", augmentation=FULL)
     for batch in loader:
         assert batch["image"].shape == (8, 1, 32, 32) and batch["image"].dtype == torch.float32
         assert batch["label"].shape == (8, 1, 32, 32) and batch["label"].dtype == torch.uint8
@@ -70,7 +78,7 @@ def test_epoch_length_and_full_batches(volumes):
 
 
 def test_every_slice_is_seen_once_per_epoch_without_augmentation(volumes):
-    loader = GPUSliceLoader(volumes, batch_size=5, device="cpu", rot90_prob=0, flip_prob=0, rotate_prob=0)
+    loader = GPUSliceLoader(volumes, batch_size=5, device="cpu")
     seen = torch.cat([b["image"] for b in loader])
     ref = loader.images.float()
     match = (seen[:, None] - ref[None]).abs().flatten(2).amax(-1) == 0  # (drawn, stored)
@@ -78,7 +86,7 @@ def test_every_slice_is_seen_once_per_epoch_without_augmentation(volumes):
 
 
 def test_rot90_and_flips_move_image_and_label_exactly_together(volumes):
-    loader = GPUSliceLoader(volumes, batch_size=20, device="cpu", rotate_prob=0.0, seed=3)
+    loader = GPUSliceLoader(volumes, batch_size=20, device="cpu", augmentation=EXACT, seed=3)
     changed = 0
     for epoch in range(3):
         batch = next(iter(loader))
@@ -89,7 +97,7 @@ def test_rot90_and_flips_move_image_and_label_exactly_together(volumes):
 
 
 def test_rotation_moves_image_and_label_together_up_to_border_interpolation(volumes):
-    loader = GPUSliceLoader(volumes, batch_size=20, device="cpu", rot90_prob=0, flip_prob=0, rotate_prob=1.0, seed=1)
+    loader = GPUSliceLoader(volumes, batch_size=20, device="cpu", augmentation=ROTATE, seed=1)
     batch = next(iter(loader))
     img, lbl = batch["image"], batch["label"]
     ref = threshold(img)
@@ -108,7 +116,7 @@ def test_rotation_moves_image_and_label_together_up_to_border_interpolation(volu
 
 def test_rotation_is_nearest_for_labels_and_bilinear_for_images():
     item = {"image": torch.rand(1, 16, 16, 4), "label": torch.randint(0, 4, (1, 16, 16, 4), dtype=torch.uint8)}
-    loader = GPUSliceLoader([item], batch_size=4, device="cpu", rot90_prob=0, flip_prob=0, rotate_prob=1.0)
+    loader = GPUSliceLoader([item], batch_size=4, device="cpu", augmentation=ROTATE)
     batch = next(iter(loader))
     assert set(batch["label"].unique().tolist()) <= {0, 1, 2, 3}
     stored = {round(v, 3) for v in loader.images.float().flatten().tolist()} | {0.0}
@@ -118,7 +126,7 @@ def test_rotation_is_nearest_for_labels_and_bilinear_for_images():
 
 def test_seed_determinism(volumes):
     def draw(seed):
-        loader = GPUSliceLoader(volumes, batch_size=4, device="cpu", seed=seed)
+        loader = GPUSliceLoader(volumes, batch_size=4, device="cpu", augmentation=FULL, seed=seed)
         return [torch.cat([b["image"].flatten(), b["label"].float().flatten()]) for e in range(2) for b in loader]
 
     a, b, c = draw(7), draw(7), draw(8)
@@ -127,7 +135,7 @@ def test_seed_determinism(volumes):
 
 
 def test_set_epoch_replays_an_epoch(volumes):
-    loader = GPUSliceLoader(volumes, batch_size=4, device="cpu")
+    loader = GPUSliceLoader(volumes, batch_size=4, device="cpu", augmentation=FULL)
     first = [b["image"] for b in loader]
     second = [b["image"] for b in loader]
     assert not all(torch.equal(x, y) for x, y in zip(first, second))
@@ -152,12 +160,12 @@ def test_bad_inputs_fail_clearly(volumes):
     with pytest.raises(ValueError, match="whole numbers"):
         GPUSliceLoader([dict(volumes[0], label=volumes[0]["label"] * 0.5)], device="cpu")
     with pytest.raises(ValueError, match="square"):
-        GPUSliceLoader([{"image": torch.rand(1, 16, 32), "label": torch.zeros(1, 16, 32)}], device="cpu")
+        GPUSliceLoader([{"image": torch.rand(1, 16, 32), "label": torch.zeros(1, 16, 32)}], device="cpu", augmentation=EXACT)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_shapes(volumes):
-    loader = GPUSliceLoader(volumes, batch_size=8, device="cuda", rotate_prob=0.0)  # rot90/flips: exact
+    loader = GPUSliceLoader(volumes, batch_size=8, device="cuda", augmentation=EXACT)
     batch = next(iter(loader))
     assert batch["image"].is_cuda and batch["label"].is_cuda
     assert torch.equal(batch["label"], threshold(batch["image"]))
@@ -205,7 +213,7 @@ def test_bundle_override_swaps_the_train_loader(tmp_path):
 def test_data_parallel_ranks_share_the_order_and_take_disjoint_slices():
     # Slice i holds the constant i, so a batch names its slices; no augmentation.
     data = [{"image": torch.arange(12.0).view(1, 1, 1, 12).expand(1, 4, 4, 12).clone(), "label": torch.zeros(1, 4, 4, 12, dtype=torch.uint8)}]
-    opts = dict(batch_size=3, device="cpu", image_dtype=torch.float32, samples_per_epoch=12, rot90_prob=0, flip_prob=0, rotate_prob=0, seed=5)
+    opts = dict(batch_size=3, device="cpu", image_dtype=torch.float32, samples_per_epoch=12, seed=5)
     single = GPUSliceLoader(data, **opts)
     ranks = [GPUSliceLoader(data, rank=r, world_size=2, **opts) for r in range(2)]
     assert len(single) == 4 and all(len(r) == 2 for r in ranks)

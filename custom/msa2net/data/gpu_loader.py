@@ -1,23 +1,12 @@
 """Device-resident 2D training loader: all slices on the GPU once, augmentation in batch on the device.
 
-The bundle's CPU path (``train.json``) samples slices and runs RandRotate90d, RandFlipd (two axes) and
-RandRotated per sample in DataLoader workers. On a fast GPU that path, not the network, sets the pace.
-:class:`GPUSliceLoader` takes the *deterministic* part of that pipeline (load, intensity scaling,
-in-plane resize: the bundle's ``CacheDataset`` of ``train#deterministic_transforms``, or any sequence of
-``{"image", "label"}`` dicts), unstacks every 2D slice once into one tensor on the target device (image
-float16 or float32, label uint8) and, per iteration, draws a batch and applies the same random transforms
-as ``train.json`` on the device, for the whole batch at once:
-
-* rot90 by k in {1, 2, 3} quarter turns with probability ``rot90_prob`` (``RandRotate90d(prob=0.5, max_k=3)``);
-* flips along the first and the second spatial axis, each with probability ``flip_prob``
-  (``RandFlipd(spatial_axis=0)``, ``RandFlipd(spatial_axis=1)``);
-* with probability ``rotate_prob`` a rotation by an angle uniform in ``[-rotate_range, rotate_range]``
-  radians, bilinear for the image and nearest for the label, zero padding, same size
-  (``RandRotated(range_x=0.35, prob=0.3, mode=["bilinear", "nearest"], padding_mode="zeros")``),
-  done with ``affine_grid`` + ``grid_sample``.
-
-rot90 and flips are exact index permutations; each random transform is computed for the whole batch and
-kept per sample with ``torch.where``, so no host synchronisation happens per iteration.
+The bundle's CPU path (``train.json``) samples slices and augments them one by one in DataLoader workers.
+On a fast GPU that path, not the network, sets the pace. :class:`GPUSliceLoader` takes the *deterministic*
+part of that pipeline (load, intensity normalisation, in-plane resize: the bundle's ``CacheDataset`` of
+``train#deterministic_transforms``, or any sequence of ``{"image", "label"}`` dicts), unstacks every 2D
+slice once into one tensor on the target device (image float16 or float32, label uint8) and, per
+iteration, draws a batch and augments it on the device, for the whole batch at once, with the same
+:class:`msa2net.data.augment.SliceAugmentation` (and the same ``augmentation_params``) as the CPU path.
 
 It is an iterable with ``__len__`` (iterations per epoch), usable as ``SupervisedTrainer``'s
 ``train_data_loader`` (give the trainer ``epoch_length=len(loader)``), and yields
@@ -27,10 +16,11 @@ too (``device="cpu"``), which is how it is tested.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from msa2net.data.augment import SliceAugmentation
 
 __all__ = ["GPUSliceLoader", "stack_slices"]
 
@@ -110,7 +100,8 @@ class GPUSliceLoader:
         samples_per_epoch: slices per epoch (default: all slices once); ``len(loader)`` is
             ``max(1, samples_per_epoch // batch_size)``, every batch is full. Slices are drawn from
             successive random permutations of all slices, so each is seen once before any repeats.
-        rot90_prob, flip_prob, rotate_prob, rotate_range: the augmentation, as in ``train.json``.
+        augmentation: a :class:`~msa2net.data.augment.SliceAugmentation` or its keyword arguments (the
+            bundle's ``augmentation_params``); ``None``: no augmentation.
         seed: batches are a function of ``(seed, epoch)`` alone (for one device type).
         rank, world_size: data-parallel training (``torchrun``; default: from ``torch.distributed`` when it is
             initialised). Every process draws the same global order of slices and takes its own
@@ -130,10 +121,7 @@ class GPUSliceLoader:
         device: str | torch.device | None = None,
         image_dtype: torch.dtype = torch.float16,
         samples_per_epoch: int | None = None,
-        rot90_prob: float = 0.5,
-        flip_prob: float = 0.5,
-        rotate_prob: float = 0.3,
-        rotate_range: float = 0.35,
+        augmentation: SliceAugmentation | Mapping | None = None,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
@@ -143,21 +131,19 @@ class GPUSliceLoader:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        for name, p in (("rot90_prob", rot90_prob), ("flip_prob", flip_prob), ("rotate_prob", rotate_prob)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {p}.")
+        if not isinstance(augmentation, SliceAugmentation):
+            augmentation = SliceAugmentation(**dict(augmentation or {}))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         images, labels = stack_slices(dataset, image_key, label_key, image_dtype)
-        if rot90_prob > 0 and images.shape[-1] != images.shape[-2]:
+        if augmentation.rot90_prob > 0 and images.shape[-1] != images.shape[-2]:
             raise ValueError(f"rot90 needs square slices, got {tuple(images.shape[-2:])}; resize first or set rot90_prob=0.")
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size = int(batch_size)
         self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch else len(self.images)
-        self.rot90_prob, self.flip_prob, self.rotate_prob = float(rot90_prob), float(flip_prob), float(rotate_prob)
-        self.rotate_range = float(rotate_range)
+        self.augmentation = augmentation
         self.seed = int(seed)
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.world_size = int(world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1))
@@ -188,6 +174,7 @@ class GPUSliceLoader:
         g = self._generator(self.epoch)
         # One process keeps one generator (its batches stay what they were); several share the order only.
         g_aug = g if self.world_size == 1 else self._generator(self.epoch, stream=1 + self.rank)
+        self.augmentation.reseed(g_aug.initial_seed())
         self.epoch += 1
         n, b = self.num_slices, self.batch_size
         gb = b * self.world_size
@@ -196,47 +183,7 @@ class GPUSliceLoader:
             while len(order) < gb:  # successive permutations: every slice once before any repeats
                 order = torch.cat([order, torch.randperm(n, generator=g, device=self.device)])
             idx, order = order[self.rank * b : (self.rank + 1) * b], order[gb:]
-            image, label = self.augment(self.images[idx].float(), self.labels[idx], g_aug)
+            image, label = self.augmentation(self.images[idx].float(), self.labels[idx], g_aug)
             if self.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
             yield {self.image_key: image, self.label_key: label}
-
-    def augment(
-        self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random rot90, flips and small rotation of a batch; image and label move together.
-
-        ``image``: ``(B, C, H, W)`` float; ``label``: ``(B, 1, H, W)`` integer. Returns both, same shapes/types.
-        """
-        bsz, dev = image.shape[0], image.device
-        u = torch.rand(bsz, 5, generator=generator, device=dev)
-        k = torch.randint(1, 4, (bsz,), generator=generator, device=dev)
-
-        def sel(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-            return torch.where(mask.view(bsz, 1, 1, 1), new, old)
-
-        if self.rot90_prob > 0:
-            k = torch.where(u[:, 0] < self.rot90_prob, k, torch.zeros_like(k))
-            img0, lbl0 = image, label
-            for q in (1, 2, 3):
-                image = sel(k == q, torch.rot90(img0, q, dims=(-2, -1)), image)
-                label = sel(k == q, torch.rot90(lbl0, q, dims=(-2, -1)), label)
-        for axis, col in ((-2, 1), (-1, 2)):
-            if self.flip_prob > 0:
-                m = u[:, col] < self.flip_prob
-                image, label = sel(m, image.flip(axis), image), sel(m, label.flip(axis), label)
-        if self.rotate_prob > 0 and self.rotate_range > 0:
-            m = u[:, 3] < self.rotate_prob
-            angle = (2.0 * u[:, 4] - 1.0) * self.rotate_range
-            h, w = image.shape[-2:]
-            cos, sin = torch.cos(angle), torch.sin(angle)
-            zero = torch.zeros_like(angle)
-            # rotation in pixel units, written in affine_grid's normalised coordinates (aspect-correct)
-            theta = torch.stack(
-                [torch.stack([cos, -sin * h / w, zero], 1), torch.stack([sin * w / h, cos, zero], 1)], 1
-            ).to(image.dtype)
-            grid = F.affine_grid(theta, list(image.shape), align_corners=False)
-            rot_img = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            rot_lbl = F.grid_sample(label.to(image.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-            image, label = sel(m, rot_img, image), sel(m, rot_lbl.round().to(label.dtype), label)
-        return image, label
