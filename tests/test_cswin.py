@@ -10,7 +10,7 @@ from msa2net.networks.cswin import CSWinEncoder, LePEAttention
 
 
 def test_stage_shapes_and_channels():
-    enc = CSWinEncoder(in_channels=1, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8))
+    enc = CSWinEncoder(in_channels=1, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8), stripe_widths=(1, 2, 7, 7))
     feats = enc(torch.randn(2, 1, 64, 96))
     assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 24), (2, 32, 8, 12), (2, 64, 4, 6), (2, 128, 2, 3)]
 

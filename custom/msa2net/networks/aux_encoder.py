@@ -13,7 +13,7 @@ import torch
 from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
-from .sacm import SACM
+from .sacm import SACM, SACM_KERNEL_SIZES
 
 __all__ = ["SACMBottleneck", "AuxResNetEncoder"]
 
@@ -47,7 +47,7 @@ class SACMBottleneck(nn.Module):
         in_channels: int,
         out_channels: int,
         stride: int = 1,
-        kernel_sizes: Sequence[int] = (3, 5, 7),
+        kernel_sizes: Sequence[int] = SACM_KERNEL_SIZES,
         reduction: int = 4,
         norm: str | tuple = "batch",
         sacm_form: str = "kernel",
@@ -85,9 +85,9 @@ class AuxResNetEncoder(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        channels: Sequence[int] = (64, 128, 256, 512),
-        depths: Sequence[int] = (1, 1, 1, 1),
-        kernel_sizes: Sequence[int] = (3, 5, 7),
+        channels: Sequence[int],
+        depths: Sequence[int],
+        kernel_sizes: Sequence[int] = SACM_KERNEL_SIZES,
         norm: str | tuple = "batch",
         sacm_form: str = "kernel",
     ) -> None:

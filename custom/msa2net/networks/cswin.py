@@ -168,6 +168,8 @@ class CSWinStem(nn.Module):
 class CSWinEncoder(nn.Module):
     """Four-stage CSWin Transformer feature extractor (strides 4, 8, 16, 32).
 
+    The sizes have no defaults here: MSA2-Net's defaults (CSWin-T) live in :class:`~msa2net.networks.MSA2Net`.
+
     Args:
         in_channels: image channels.
         embed_dim: channels of stage 1; stage ``i`` has ``embed_dim * 2**i``.
@@ -186,13 +188,13 @@ class CSWinEncoder(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        embed_dim: int = 64,
-        depths: Sequence[int] = (1, 2, 21, 1),
-        num_heads: Sequence[int] = (2, 4, 8, 16),
-        stripe_widths: Sequence[int] = (1, 2, 7, 7),
+        in_channels: int,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        stripe_widths: Sequence[int],
         mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.1,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if not len(depths) == len(num_heads) == len(stripe_widths) == 4:

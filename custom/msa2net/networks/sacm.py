@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
-__all__ = ["SACM", "SACM_FORMS"]
+__all__ = ["SACM", "SACM_FORMS", "SACM_KERNEL_SIZES"]
+
+#: Candidate kernel sizes of every SACM unless a caller says otherwise (design choice).
+SACM_KERNEL_SIZES = (3, 5, 7)
 
 #: ``"kernel"``: one convolution with the per-sample aggregated kernel ``sum_k a_k W_k``.
 #: ``"sum"``: the reference form ``sum_k a_k conv(x, W_k)``. Both compute the same function.
@@ -61,7 +64,7 @@ class SACM(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_sizes: Sequence[int] = (3, 5, 7),
+        kernel_sizes: Sequence[int] = SACM_KERNEL_SIZES,
         stride: int = 1,
         groups: int = 1,
         gate_reduction: int = 4,
