@@ -3,6 +3,10 @@
 The paper pairs the CSWin encoder with "ResNet equipped with adaptive convolution
 modules" whose features keep fine detail. Block type (bottleneck), widths and depths are
 design choices of this project, chosen so the auxiliary branch stays light next to CSWin.
+
+Reference: Chao Deng, Xiaosen Li, Xiao Qin, "MSA2-Net: Utilizing Self-Adaptive Convolution
+Module to Extract Multi-Scale Information in Medical Image Segmentation", arXiv:2509.01498, 2025.
+Choices the text leaves open: ``bundle/docs/design.md``.
 """
 
 from __future__ import annotations

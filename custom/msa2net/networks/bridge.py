@@ -5,6 +5,10 @@ adaptive convolutions" to remove the striated texture that stripe attention leav
 the decoder sees them. Our reading (design choice): per skip, a stack of residual blocks
 ``x + BN(PW(DW-SACM(x)))``, with a depthwise SACM doing the spatial filtering and a
 pointwise convolution mixing channels, which keeps the bridge light at every width.
+
+Reference: Chao Deng, Xiaosen Li, Xiao Qin, "MSA2-Net: Utilizing Self-Adaptive Convolution
+Module to Extract Multi-Scale Information in Medical Image Segmentation", arXiv:2509.01498, 2025.
+Choices the text leaves open: ``bundle/docs/design.md``.
 """
 
 from __future__ import annotations

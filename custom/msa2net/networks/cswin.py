@@ -9,6 +9,11 @@ stride-2 convolutional patch merging; the last stage attends over the whole map.
 Differences from the classification model: no class head; every stage returns a
 ``(B, C, H, W)`` map; feature maps whose size a stripe width does not divide are
 zero-padded and the padded keys masked, so any input whose sides are multiples of 32 works.
+
+MSA2-Net (Deng, Li, Qin, arXiv:2509.01498) uses this encoder as its primary branch; the
+paper says it was modified to keep detail while downsampling without saying how, so the
+encoder here is CSWin's own, and the detail comes from the auxiliary SACM ResNet
+(``bundle/docs/design.md``).
 """
 
 from __future__ import annotations

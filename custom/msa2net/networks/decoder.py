@@ -5,6 +5,10 @@ adaptive convolution groups". Our reading (design choice): a Res2Net-like chain 
 SACM_j sees its own channel group plus the output of SACM_{j-1}, so later members see
 ever larger receptive fields; the outputs are concatenated and fused by a 1x1 convolution
 with a residual path.
+
+Reference: Chao Deng, Xiaosen Li, Xiao Qin, "MSA2-Net: Utilizing Self-Adaptive Convolution
+Module to Extract Multi-Scale Information in Medical Image Segmentation", arXiv:2509.01498, 2025.
+Choices the text leaves open: ``bundle/docs/design.md``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Self-Adaptive Convolution Module (SACM).
 
-Reference: "MSA2-Net: Utilizing Self-Adaptive Convolution Module to Extract Multi-Scale
-Information in Medical Image Segmentation" (the paper's text names a per-input statistical
-fingerprint, a two-layer MLP gate and a differentiable soft attention over candidate
-kernels). Kernel sizes, gate width, temperature and the norm/activation that follow are
-design choices of this project (see ``shared/design/msa2net.md``), not the paper's word.
+Reference: Chao Deng, Xiaosen Li, Xiao Qin, "MSA2-Net: Utilizing Self-Adaptive Convolution
+Module to Extract Multi-Scale Information in Medical Image Segmentation", arXiv:2509.01498, 2025.
+The paper's text names a per-input statistical fingerprint, a two-layer MLP gate and a
+differentiable soft attention over candidate kernels. Kernel sizes, gate width, temperature
+and the norm/activation that follow are design choices of this project (see
+``bundle/docs/design.md``), not the paper's word.
 """
 
 from __future__ import annotations
