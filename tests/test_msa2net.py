@@ -209,3 +209,34 @@ def test_constructor_validation():
         MSA2Net(in_channels=0)
     with pytest.raises(ValueError, match="one entry per stage"):
         create_msa2net("tiny", depths=(1, 1, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deep_supervision_trains_from_a_cuda_graph():
+    """gpu_train.json runs the network from CUDA graphs: the tuple of deep-supervision outputs must survive capture."""
+    from msa2net.cuda_graphs import GraphedForward
+
+    torch.manual_seed(0)
+    net = create_msa2net("tiny", num_classes=3, deep_supervision=True).cuda()
+    graphed = GraphedForward(net, warmup=2)
+    loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
+    x = torch.randn(4, 1, 64, 64, device="cuda")
+    label = torch.randint(0, 3, (4, 1, 64, 64), device="cuda").float()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    graphed.train()
+    losses = []
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        outs = graphed(x)
+        assert isinstance(outs, tuple) and [o.shape[-1] for o in outs] == [64, 8, 4]
+        loss = loss_fn(outs, label)
+        loss.backward()
+        assert all(h.weight.grad.abs().sum() > 0 for h in net.ds_heads)
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    graphed.eval()
+    with torch.no_grad():
+        y = graphed(x)
+        torch.testing.assert_close(y, net(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(y, torch.Tensor) and y.shape == (4, 3, 64, 64)
