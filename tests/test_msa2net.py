@@ -9,7 +9,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-from msa2net.networks import MSA2Net, create_msa2net, get_preset, list_presets, msa2net_paper, register_preset
+from msa2net.networks import MSA2NET_PRESETS, MSA2Net, create_msa2net, get_preset, list_presets, msa2net_paper, register_preset
 from msa2net.networks.decoder import MSADecoder, PlainDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +78,9 @@ def test_unknown_preset():
 def test_registry_holds_each_named_constructor_once():
     assert list_presets() == ["base", "paper", "small", "tiny"]
     assert get_preset("paper") is msa2net_paper
+    assert sorted(MSA2NET_PRESETS) == list_presets() and MSA2NET_PRESETS["paper"] is msa2net_paper
+    with pytest.raises(TypeError):
+        MSA2NET_PRESETS["huge"] = msa2net_paper  # a view: presets are added by registering a constructor
     with pytest.raises(ValueError, match="'paper' is already registered"):
         register_preset(msa2net_paper)
     with pytest.raises(ValueError, match="must be named 'msa2net_<preset>'"):

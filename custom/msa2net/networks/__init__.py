@@ -14,7 +14,7 @@ from .msa2net import (
     msa2net_small,
     msa2net_tiny,
 )
-from .registry import get_preset, list_presets, register_preset
+from .registry import MSA2NET_PRESETS, get_preset, list_presets, register_preset
 from .sacm import SACM
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "create_msa2net",
     "load_cswin_pretrained",
     "list_presets",
+    "MSA2NET_PRESETS",
     "get_preset",
     "register_preset",
     "msa2net_tiny",

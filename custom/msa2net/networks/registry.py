@@ -10,15 +10,19 @@ tests) reads this registry, so a new preset is added in one place.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import MappingProxyType
 
 from torch import nn
 
-__all__ = ["register_preset", "list_presets", "get_preset"]
+__all__ = ["register_preset", "list_presets", "get_preset", "MSA2NET_PRESETS"]
 
 #: Constructor functions are named ``<prefix><preset>``; the preset name is the rest.
 PREFIX = "msa2net_"
 
 _PRESETS: dict[str, Callable[..., nn.Module]] = {}
+
+#: Read-only view of the registry, preset name -> constructor (iterating gives the names).
+MSA2NET_PRESETS = MappingProxyType(_PRESETS)
 
 
 def register_preset(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
