@@ -135,9 +135,10 @@ def test_readme_preset_table_lists_the_registry():
         assert abs(params - float(millions)) < 0.051 * max(1.0, params / 10), (name, params, millions)
 
 
-def test_deep_supervision_outputs_in_training_only():
+@pytest.mark.parametrize("use_msa_decoder", [True, False])
+def test_deep_supervision_outputs_in_training_only(use_msa_decoder):
     torch.manual_seed(0)
-    net = create_msa2net("tiny", num_classes=4, deep_supervision=True)
+    net = create_msa2net("tiny", num_classes=4, deep_supervision=True, use_msa_decoder=use_msa_decoder)
     x = torch.randn(2, 1, 64, 96)
     outs = net.train()(x)
     assert isinstance(outs, tuple)
