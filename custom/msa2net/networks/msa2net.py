@@ -188,41 +188,42 @@ def _match_ds_heads(module: MSA2Net, state_dict: dict, prefix: str, *args) -> No
             state_dict.setdefault(k, v)
 
 
-def _build(in_channels: int, num_classes: int, pretrained_path: str | Path | None, sizes: dict, overrides: dict) -> MSA2Net:
-    net = MSA2Net(in_channels=in_channels, num_classes=num_classes, **{**sizes, **overrides})
+def _build(sizes: dict, pretrained_path: str | Path | None, kwargs: dict) -> MSA2Net:
+    net = MSA2Net(**{**sizes, **kwargs})
     if pretrained_path:
         load_cswin_pretrained(net, pretrained_path)
     return net
 
 
-# Each preset states only how it differs from MSA2Net's defaults (the paper's configuration).
+# As in timm, a constructor takes the optional pretrained weights and any MSA2Net keyword argument; each
+# states only how its sizes differ from MSA2Net's defaults (the paper's configuration).
 
 
 @register_preset
-def msa2net_tiny(in_channels: int = 1, num_classes: int = 9, pretrained_path: str | Path | None = None, **overrides) -> MSA2Net:
+def msa2net_tiny(pretrained_path: str | Path | None = None, **kwargs) -> MSA2Net:
     """About 0.67 M parameters, for tests and CPU demos: one block per stage, embedding 16, one bridge block."""
     sizes = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8), bridge_depth=1, drop_path_rate=0.0)
-    return _build(in_channels, num_classes, pretrained_path, sizes, overrides)
+    return _build(sizes, pretrained_path, kwargs)
 
 
 @register_preset
-def msa2net_small(in_channels: int = 1, num_classes: int = 9, pretrained_path: str | Path | None = None, **overrides) -> MSA2Net:
-    """About 4 M parameters: embedding 32, CSWin depths 1-2-6-1."""
+def msa2net_small(pretrained_path: str | Path | None = None, **kwargs) -> MSA2Net:
+    """About 3.7 M parameters: embedding 32, CSWin depths 1-2-6-1."""
     sizes = dict(embed_dim=32, depths=(1, 2, 6, 1))
-    return _build(in_channels, num_classes, pretrained_path, sizes, overrides)
+    return _build(sizes, pretrained_path, kwargs)
 
 
 @register_preset
-def msa2net_base(in_channels: int = 1, num_classes: int = 9, pretrained_path: str | Path | None = None, **overrides) -> MSA2Net:
+def msa2net_base(pretrained_path: str | Path | None = None, **kwargs) -> MSA2Net:
     """About 11 M parameters (embedding 48, CSWin depths 1-2-12-1): the largest that ships in half precision under 25 MB."""
     sizes = dict(embed_dim=48, depths=(1, 2, 12, 1))
-    return _build(in_channels, num_classes, pretrained_path, sizes, overrides)
+    return _build(sizes, pretrained_path, kwargs)
 
 
 @register_preset
-def msa2net_paper(in_channels: int = 1, num_classes: int = 9, pretrained_path: str | Path | None = None, **overrides) -> MSA2Net:
+def msa2net_paper(pretrained_path: str | Path | None = None, **kwargs) -> MSA2Net:
     """The paper's configuration, CSWin-T encoder (about 26.6 M parameters): MSA2Net's defaults."""
-    return _build(in_channels, num_classes, pretrained_path, {}, overrides)
+    return _build({}, pretrained_path, kwargs)
 
 
 def create_msa2net(
