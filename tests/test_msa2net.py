@@ -107,20 +107,17 @@ def test_presets_build_through_create_msa2net_and_by_name_alike():
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _bundle_network_args():
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundle" / "configs" / "inference.json"))
-    return {k: parser.get_parsed_content(k) for k in ("model_preset", "in_channels", "num_classes")}
-
-
 def test_shipped_weights_load_strictly_into_the_bundle_preset():
     """Constructors changed, weights layout did not: the shipped checkpoint loads with strict key matching."""
     weights = ROOT / "bundle" / "models" / "model.pt"
     if not weights.is_file():
         pytest.skip("no shipped weights in bundle/models")
     state = torch.load(weights, map_location="cpu", weights_only=True)["model"]
-    args = _bundle_network_args()
-    net = create_msa2net(args["model_preset"], in_channels=args["in_channels"], num_classes=args["num_classes"])
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundle" / "configs" / "inference.json"))
+    preset = parser.get_parsed_content("model_preset")
+    in_channels, num_classes = state["encoder.stem.conv.weight"].shape[1], state["head.weight"].shape[0]
+    net = create_msa2net(preset, in_channels=in_channels, num_classes=num_classes)
     net.load_state_dict(state, strict=True)
     torch.testing.assert_close(net.head.weight, state["head.weight"].float())
 
