@@ -1,4 +1,4 @@
-"""CPU inference: seconds per 224x224 slice and per ACDC-sized volume, eager PyTorch vs TorchScript vs ONNX Runtime.
+"""CPU inference: seconds per slice (the bundle's ``spatial_size``) and per ACDC-sized volume, eager PyTorch vs TorchScript vs ONNX Runtime.
 
 Same run, same inputs, same thread count (default: all cores of the machine): for each preset, eager
 PyTorch (float32, eval, no grad), TorchScript (``torch.jit.trace`` then ``torch.jit.freeze``) and ONNX
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import env_header, env_info, md_table, write_results  # noqa: I001
-from msa2net.networks import create_msa2net
+from common import bundle_spatial_size, env_header, env_info, md_table, write_results  # noqa: I001
+from msa2net.networks import create_msa2net, list_presets
 from msa2net.onnx_runtime import OnnxRuntimeNetwork
 
 
@@ -39,7 +39,8 @@ def median_time(fn, warmup, iters):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--presets", default="paper,base")
+    ap.add_argument("--presets", default="paper,base", help=f"comma-separated, from {list_presets()}")
+    ap.add_argument("--spatial_size", type=int, nargs=2, default=None, help="H W (default: the bundle's spatial_size)")
     ap.add_argument("--num_classes", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--volume_slices", type=int, default=10)
@@ -48,6 +49,9 @@ def main() -> None:
     ap.add_argument("--out_dir", default=None)
     ap.add_argument("--name", default="cpu")
     args = ap.parse_args()
+    if unknown := set(args.presets.split(",")) - set(list_presets()):
+        ap.error(f"unknown presets {sorted(unknown)}; choose from {list_presets()}")
+    size = args.spatial_size or bundle_spatial_size()
     scratch = tempfile.mkdtemp(prefix="bench_cpu_")
 
     torch.set_num_threads(args.threads)
@@ -55,13 +59,13 @@ def main() -> None:
     for preset in args.presets.split(","):
         torch.manual_seed(0)
         net = create_msa2net(preset, in_channels=1, num_classes=args.num_classes).eval()
-        x1 = torch.rand(1, 1, 224, 224)
-        xv = torch.rand(args.volume_slices, 1, 224, 224)
+        x1 = torch.rand(1, 1, *size)
+        xv = torch.rand(args.volume_slices, 1, *size)
         with torch.no_grad():
             ref1, refv = net(x1), net(xv)
-            traced = torch.jit.freeze(torch.jit.trace(net, torch.rand(2, 1, 224, 224)))
+            traced = torch.jit.freeze(torch.jit.trace(net, torch.rand(2, 1, *size)))
         # the bundle's own ONNX Runtime backend (configs/inference_onnxruntime.json), exported to a scratch file
-        ort_net = OnnxRuntimeNetwork(net, Path(scratch) / f"{preset}.onnx", (1, 1, 224, 224), threads=args.threads)
+        ort_net = OnnxRuntimeNetwork(net, Path(scratch) / f"{preset}.onnx", (1, 1, *size), threads=args.threads)
         row = {"preset": preset, "params_M": sum(p.numel() for p in net.parameters()) / 1e6, "threads": args.threads}
         runners = {
             "eager": lambda x: net(x),
@@ -82,10 +86,10 @@ def main() -> None:
         row["ort_speedup_vs_eager_volume"] = row["eager_s_per_volume"] / row["onnxruntime_s_per_volume"]
         rows.append(row)
     env = env_info()
-    results = {"env": env, "volume_slices": args.volume_slices, "rows": rows, "target_ort_speedup": 1.5}
+    results = {"env": env, "spatial_size": size, "volume_slices": args.volume_slices, "rows": rows, "target_ort_speedup": 1.5}
     cols = ["preset", "params_M", "threads", "eager_s_per_slice", "torchscript_s_per_slice", "onnxruntime_s_per_slice", "ort_speedup_vs_eager_slice",
             "eager_s_per_volume", "torchscript_s_per_volume", "onnxruntime_s_per_volume", "ort_speedup_vs_eager_volume", "onnxruntime_max_abs_diff", "torchscript_max_abs_diff"]
-    md = [f"# CPU inference, 224x224 float32 ({args.threads} threads; volume = {args.volume_slices} slices in one batch)\n", env_header(env), "", md_table(rows, cols)]
+    md = [f"# CPU inference, {size[0]}x{size[1]} float32 ({args.threads} threads; volume = {args.volume_slices} slices in one batch)\n", env_header(env), "", md_table(rows, cols)]
     pj, pm = write_results(args.name, results, "\n".join(md), args.out_dir)
     print("\n".join(md))
     print(f"wrote {pj} and {pm}")

@@ -9,7 +9,7 @@ chosen preset with random weights (saved as a ``{"model": state_dict}`` checkpoi
   preprocess, slice inference, argmax, restore geometry with Invertd, write), warm (median of the runs
   after the first), exactly as ``python -m monai.bundle run inference`` runs it;
 * per stage, the same bundle objects applied by hand: read (LoadImaged + EnsureChannelFirstd + EnsureTyped),
-  preprocess (intensity + resize to 224), infer (to device + SliceInferer under the bundle's autocast),
+  preprocess (intensity + resize to the bundle's ``spatial_size``), infer (to device + SliceInferer under the bundle's autocast),
   restore (argmax + Invertd), write (SaveImaged);
 * peak GPU memory (``torch.cuda.max_memory_allocated``) and peak host memory (``ru_maxrss``) of the process;
 * ``--anchor`` (default on): in the same process and run, the same file through the MONAI model-zoo
@@ -37,6 +37,7 @@ import torch
 
 from common import ROOT, env_header, env_info, md_table, write_results  # noqa: I001
 from msa2net.io import gzip_backend
+from msa2net.networks import list_presets
 
 BUNDLE = ROOT / "bundle"
 
@@ -114,7 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--depth", type=int, default=200)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--preset", default="paper", choices=list_presets())
     ap.add_argument("--runs", type=int, default=4, help="evaluator runs; the first is a warm-up")
     ap.add_argument("--ext", default=".nii.gz", help="input file extension")
     ap.add_argument("--output_ext", default=None, help="override the bundle's output_ext")
@@ -232,7 +233,7 @@ def main() -> None:
     if anchor:
         a = anchor["stages_s"]
         side = [
-            {"pipeline": f"this bundle ({args.preset}, 2D slices at 224)", "read_preprocess_s": stage_med["read"] + stage_med["preprocess"], "infer_s": stage_med["infer"], "restore_write_s": stage_med["restore"] + stage_med["write"], "total_s": results["e2e_total_s"], "peak_gpu_gib": peak_gpu},
+            {"pipeline": f"this bundle ({args.preset}, 2D slices at {'x'.join(map(str, parser.get_parsed_content('spatial_size')))})", "read_preprocess_s": stage_med["read"] + stage_med["preprocess"], "infer_s": stage_med["infer"], "restore_write_s": stage_med["restore"] + stage_med["write"], "total_s": results["e2e_total_s"], "peak_gpu_gib": peak_gpu},
             {"pipeline": "model-zoo swin_unetr_btcv recipe (3D, 96^3 window)", "read_preprocess_s": a["read_preprocess"], "infer_s": a["infer"], "restore_write_s": a["restore_write"], "total_s": a["total"], "peak_gpu_gib": anchor["peak_gpu_gib"]},
         ]
         md += ["\n## Side by side, same file, same run\n", md_table(side, ["pipeline", "read_preprocess_s", "infer_s", "restore_write_s", "total_s", "peak_gpu_gib"]),

@@ -1,6 +1,10 @@
-"""Network throughput at 224x224: MSA2-Net (paper preset) against MONAI SwinUNETR (2D) and BasicUNet (2D).
+"""Network throughput at the bundle's slice size: MSA2-Net (paper preset) against the bundle's baselines, MONAI
+SwinUNETR (2D) and BasicUNet (2D).
 
-Same run, same card, same batch (default 64), 1 input channel, 9 output classes (Synapse-sized head):
+Same run, same card, same batch (default 64), 1 input channel, 9 output classes (Synapse-sized head), slices of
+the bundle's ``spatial_size`` (``inference.json``; ``--spatial_size`` to change). Networks are named
+``msa2net_<preset>`` for any registered preset and by file name for ``bundle/configs/baselines/*.json``, built as
+the bundle builds them:
 
 * slices/s for forward only (eval, no grad) and forward+backward (train mode, mean of the logits as loss),
   in float32 (PyTorch defaults: TF32 off for matmul, on for cuDNN convolutions) and bfloat16 autocast;
@@ -25,24 +29,11 @@ import gc
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import cuda_time, env_header, env_info, matmul_tflops, md_table, write_results  # noqa: I001
+from common import (  # noqa: I001
+    build_network, bundle_spatial_size, cuda_time, env_header, env_info, matmul_tflops, md_table, network_names, write_results,
+)
 from msa2net.cuda_graphs import GraphedForward
-from msa2net.networks import create_msa2net
 from msa2net.networks.sacm import SACM
-
-
-def build(name: str, num_classes: int):
-    from monai.networks.nets import BasicUNet, SwinUNETR
-
-    if name == "msa2net_paper":
-        return create_msa2net("paper", in_channels=1, num_classes=num_classes)
-    if name == "msa2net_base":
-        return create_msa2net("base", in_channels=1, num_classes=num_classes)
-    if name == "swinunetr_2d":
-        return SwinUNETR(in_channels=1, out_channels=num_classes, feature_size=48, spatial_dims=2)
-    if name == "basicunet_2d":
-        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=num_classes)
-    raise ValueError(name)
 
 
 def count_flops(net, x) -> tuple[int, int]:
@@ -90,32 +81,35 @@ def time_modes(net, x, iters: int, warmup: int, dtype_names=("fp32", "bf16")) ->
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--spatial_size", type=int, nargs=2, default=None, help="H W (default: the bundle's spatial_size)")
     ap.add_argument("--num_classes", type=int, default=9)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--models", default="msa2net_paper,swinunetr_2d,basicunet_2d")
+    ap.add_argument("--models", default="msa2net_paper,swin_unetr,basic_unet", help=f"comma-separated, from {network_names()}")
     ap.add_argument("--channels_last", default="msa2net_paper", help="models also timed in channels-last layout")
-    ap.add_argument("--cuda_graphs", default="msa2net_paper,swinunetr_2d", help="models also timed from CUDA graphs")
-    ap.add_argument("--sacm_modules", default="64x56,128x28,256x14", help="CxS inputs of the single-module SACM test")
+    ap.add_argument("--cuda_graphs", default="msa2net_paper,swin_unetr", help="models also timed from CUDA graphs")
+    ap.add_argument("--sacm_modules", default=None, help="CxS inputs of the single-module SACM test (default: paper stages 1-3)")
     ap.add_argument("--out_dir", default=None)
     ap.add_argument("--name", default="network")
     args = ap.parse_args()
+    unknown = {m for flag in (args.models, args.channels_last, args.cuda_graphs) for m in flag.split(",") if m} - set(network_names())
+    if unknown:
+        ap.error(f"unknown networks {sorted(unknown)}; choose from {network_names()}")
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     env = env_info()
     peak = matmul_tflops() if dev.type == "cuda" else None
     env["bf16_matmul_tflops_measured"] = peak
-    b, s = args.batch, args.size
-    x = torch.randn(b, 1, s, s, device=dev)
+    b, (h, w) = args.batch, args.spatial_size or bundle_spatial_size()
+    x = torch.randn(b, 1, h, w, device=dev)
     rows = []
 
     def dump(rows, sacm_rows):
         """Write what is measured so far, so a run cut short still leaves its results."""
-        results = {"env": env, "batch": b, "size": s, "num_classes": args.num_classes, "iters": args.iters, "networks": rows, "sacm_modules": sacm_rows}
+        results = {"env": env, "batch": b, "spatial_size": [h, w], "num_classes": args.num_classes, "iters": args.iters, "networks": rows, "sacm_modules": sacm_rows}
         cols = ["model", "params_M", "gflops_fwd_per_slice", "fp32_fwd_slices_per_s", "bf16_fwd_slices_per_s", "fp32_fwd_bwd_slices_per_s", "bf16_fwd_bwd_slices_per_s", "bf16_fwd_tflops", "bf16_fwd_bwd_tflops", "bf16_fwd_frac_of_bf16_peak", "peak_mem_gib"]
-        md = [f"# Network throughput, {s}x{s}, batch {b}\n", env_header(env), f"- measured bf16 matmul rate (8192^3): {peak and round(peak, 1)} TFLOP/s\n",
+        md = [f"# Network throughput, {h}x{w}, batch {b}\n", env_header(env), f"- measured bf16 matmul rate (8192^3): {peak and round(peak, 1)} TFLOP/s\n",
               "FLOPs: torch.utils.flop_counter (matmul/conv/attention only). fp32 = PyTorch defaults; bf16 = autocast.\n",
               md_table(rows, cols), "\n## SACM forms (bf16 autocast, same weights and inputs)\n",
               md_table(sacm_rows, ["sacm_input", "kernel_bf16_fwd_ms", "sum_bf16_fwd_ms", "kernel_bf16_fwd_bwd_ms", "sum_bf16_fwd_bwd_ms", "rel_diff_kernel_vs_sum_fp32"])]
@@ -129,7 +123,7 @@ def main() -> None:
         variants += [(m, "graph") for m in args.cuda_graphs.split(",") if m]
     for name, variant in variants:
         torch.manual_seed(0)
-        net = build(name, args.num_classes).to(dev)
+        net = build_network(name, 1, args.num_classes).to(dev)
         xin = x
         label = name
         if variant is True:
@@ -174,7 +168,9 @@ def main() -> None:
 
     # SACM single modules: kernel vs sum form, same weights and inputs
     sacm_rows = []
-    for spec in [v for v in args.sacm_modules.split(",") if v]:
+    # the paper preset's first three stage maps at this slice size
+    sacm_modules = args.sacm_modules or f"64x{h // 4},128x{h // 8},256x{h // 16}"
+    for spec in [v for v in sacm_modules.split(",") if v]:
         c, hw = (int(v) for v in spec.split("x"))
         torch.manual_seed(0)
         mod = SACM(c, c, (3, 5, 7)).to(dev)

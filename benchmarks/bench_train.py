@@ -24,7 +24,7 @@ from monai.losses import DiceCELoss
 
 from common import ROOT, env_header, env_info, md_table, write_results  # noqa: I001
 from msa2net.cuda_graphs import GraphedForward
-from msa2net.networks import create_msa2net
+from msa2net.networks import create_msa2net, list_presets
 
 BUNDLE = ROOT / "bundle"
 
@@ -78,7 +78,7 @@ def forever(loader):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset_dir", default=str(ROOT / ".gpudata" / "acdc"))
-    ap.add_argument("--presets", default="paper,base")
+    ap.add_argument("--presets", default="paper,base", help=f"comma-separated, from {list_presets()}")
     ap.add_argument("--batch", type=int, default=None, help="default: the bundle's batch_size")
     ap.add_argument("--sacm_forms", default="kernel", help="comma-separated SACM forms to time")
     ap.add_argument("--channels_last", action="store_true")
@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--out_dir", default=None)
     ap.add_argument("--name", default="train")
     args = ap.parse_args()
+    if unknown := set(args.presets.split(",")) - set(list_presets()):
+        ap.error(f"unknown presets {sorted(unknown)}; choose from {list_presets()}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
 

@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: environment record, timing, result files."""
+"""Shared helpers of the benchmark scripts: environment record, timing, result files, and the networks and
+slice size the bundle uses (read from the preset registry and the bundle's configs, never restated here)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,48 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+BUNDLE = ROOT / "bundle"
 if str(ROOT / "custom") not in sys.path:
     sys.path.insert(0, str(ROOT / "custom"))
+
+from msa2net.networks import create_msa2net, list_presets  # noqa: E402
+
+#: Benchmark names of MSA2-Net presets are ``msa2net_<preset>``; the others are the bundle's baseline configs.
+MSA2NET = "msa2net_"
+
+
+def bundle_spatial_size(*overrides: str) -> list[int]:
+    """The in-plane slice size the bundle runs at: ``spatial_size`` of ``inference.json`` (plus override files,
+    e.g. ``profiles/kvasir.json``, relative to ``bundle/configs``)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / f) for f in ("inference.json", *overrides)])
+    return [int(v) for v in parser.get_parsed_content("spatial_size")]
+
+
+def network_names() -> list[str]:
+    """Every network a benchmark can build: ``msa2net_<preset>`` for each registered preset, then the bundle's
+    baselines by file name (``bundle/configs/baselines/<name>.json``)."""
+    baselines = sorted(p.stem for p in (BUNDLE / "configs" / "baselines").glob("*.json"))
+    return [MSA2NET + p for p in list_presets()] + baselines
+
+
+def build_network(name: str, in_channels: int, num_classes: int, **overrides) -> torch.nn.Module:
+    """The network ``name`` (see :func:`network_names`) as the bundle builds it; ``overrides`` go to MSA2-Net only."""
+    if name.startswith(MSA2NET):
+        return create_msa2net(name[len(MSA2NET) :], in_channels=in_channels, num_classes=num_classes, **overrides)
+    path = BUNDLE / "configs" / "baselines" / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown network {name!r}; choose one of {network_names()}.")
+    if overrides:
+        raise ValueError(f"{name}: MSA2-Net options {sorted(overrides)} do not apply to a baseline network.")
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(path))
+    parser.update({"in_channels": in_channels, "num_classes": num_classes})
+    return parser.get_parsed_content("network_def")
 
 
 def _run(cmd: list[str]) -> str:

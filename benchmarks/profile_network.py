@@ -1,6 +1,7 @@
 """Where MSA2-Net's time goes: per-part CUDA time and the heaviest kernels, eager and compiled.
 
-One forward pass at 224x224 (default batch 64, bf16 autocast) of a preset:
+One forward pass at the bundle's slice size (``spatial_size`` of ``inference.json``; default batch 64, bf16
+autocast) of a registered preset:
 
 * per-part time (CSWin stem/merges/stages, auxiliary encoder, fusion, skip norms, bridge, decoder, head),
   from CUDA events in forward hooks, as a share of the whole pass;
@@ -20,8 +21,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import cuda_time, env_header, env_info, md_table, write_results  # noqa: I001
-from msa2net.networks import create_msa2net
+from common import bundle_spatial_size, cuda_time, env_header, env_info, md_table, write_results  # noqa: I001
+from msa2net.networks import create_msa2net, list_presets
 
 
 def named_parts(net) -> dict[str, torch.nn.Module]:
@@ -66,9 +67,9 @@ def part_times(net, x, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--preset", default="paper", choices=list_presets())
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--spatial_size", type=int, nargs=2, default=None, help="H W (default: the bundle's spatial_size)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--out_dir", default=None)
@@ -77,8 +78,9 @@ def main() -> None:
         raise SystemExit("profile_network.py needs a CUDA device")
     torch.backends.cudnn.benchmark = True
     env = env_info()
+    h, w = args.spatial_size = args.spatial_size or bundle_spatial_size()
     net = create_msa2net(args.preset, in_channels=1, num_classes=9).cuda().eval()
-    x = torch.randn(args.batch, 1, args.size, args.size, device="cuda")
+    x = torch.randn(args.batch, 1, h, w, device="cuda")
 
     def fwd(model):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -118,7 +120,7 @@ def main() -> None:
         speed["compile_fwd_bwd_s"] = time.perf_counter() - t
         speed["compiled_fwd_bwd_slices_per_s"] = args.batch / cuda_time(lambda: fwd_bwd(compiled), 2, 6)
     print(speed, flush=True)
-    md = [f"# Profile of MSA2-Net {args.preset}, {args.size}x{args.size}, batch {args.batch}, bf16 autocast\n", env_header(env),
+    md = [f"# Profile of MSA2-Net {args.preset}, {h}x{w}, batch {args.batch}, bf16 autocast\n", env_header(env),
           f"\nforward {total_ms:.2f} ms per batch\n", md_table(rows, ["part", "ms", "share"]), "\n```\n" + table + "\n```\n",
           md_table([speed], list(speed))]
     write_results(f"profile_{args.preset}", {"env": env, "args": vars(args), "parts_ms": parts, "forward_ms": total_ms, **speed}, "\n".join(md), args.out_dir)

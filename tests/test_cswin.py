@@ -10,7 +10,7 @@ from msa2net.networks.cswin import CSWinEncoder, LePEAttention
 
 
 def test_stage_shapes_and_channels():
-    enc = CSWinEncoder(in_channels=1, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8))
+    enc = CSWinEncoder(in_channels=1, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8), stripe_widths=(1, 2, 7, 7))
     feats = enc(torch.randn(2, 1, 64, 96))
     assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 24), (2, 32, 8, 12), (2, 64, 4, 6), (2, 128, 2, 3)]
 
@@ -103,3 +103,11 @@ def test_load_pretrained_refuses_a_mismatched_preset(paper_net, tmp_path):
         load_cswin_pretrained(tiny, path)
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         load_cswin_pretrained(tiny, tmp_path / "absent.pth")
+
+
+def test_preset_constructor_loads_pretrained_weights(paper_net, tmp_path):
+    official = _official_keys(paper_net)
+    path = tmp_path / "cswin_tiny_224.pth"
+    torch.save({"state_dict_ema": official}, path)
+    net = create_msa2net("paper", in_channels=1, num_classes=4, pretrained_path=str(path))
+    torch.testing.assert_close(net.encoder.stages[2][20].qkv.weight, official["stage3.20.qkv.weight"])

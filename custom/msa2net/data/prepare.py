@@ -130,12 +130,9 @@ _ISIC_IMAGE = re.compile(r"^ISIC_\d+$")
 class DatasetLayoutError(ValueError):
     """A dataset file does not fit its layout; the one-line message names the file.
 
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The offending file or folder.
-    problem : str
-        What is wrong with it; whitespace runs (newlines included) are collapsed.
+    Args:
+        path: The offending file or folder.
+        problem: What is wrong with it; whitespace runs (newlines included) are collapsed.
     """
 
     def __init__(self, path: str | os.PathLike, problem: str) -> None:
@@ -254,19 +251,13 @@ def _validate(*splits: Sequence[_Case]) -> None:
 def split_by_group(groups: Sequence[str], val_fraction: float, seed: int = 0) -> set[str]:
     """Choose the validation groups (patients) for a seeded, deterministic split.
 
-    Parameters
-    ----------
-    groups : sequence of str
-        Group id of every case; repeats are fine, each group is drawn once.
-    val_fraction : float
-        Fraction of groups for validation, in ``[0, 1)``. A positive fraction gives at least
-        one validation group, and at least one group is always kept for training.
-    seed : int
-        Seed of the permutation; the result depends only on the set of groups and the seed.
+    Args:
+        groups: Group id of every case; repeats are fine, each group is drawn once.
+        val_fraction: Fraction of groups for validation, in ``[0, 1)``. A positive fraction gives at least
+            one validation group, and at least one group is always kept for training.
+        seed: Seed of the permutation; the result depends only on the set of groups and the seed.
 
-    Returns
-    -------
-    set of str
+    Returns:
         Groups assigned to validation.
     """
     val_fraction = _check_fraction(val_fraction)
@@ -331,18 +322,12 @@ def prepare_acdc(root: str | os.PathLike, val_fraction: float = DEFAULT_VAL_FRAC
     is split into training and validation by patient; ``ROOT/testing/patientXXX`` (if present)
     becomes the test list. Patient folders directly under ``ROOT`` are read as training data.
 
-    Parameters
-    ----------
-    root : str or os.PathLike
-        Dataset root.
-    val_fraction : float
-        Fraction of training patients held out for validation.
-    seed : int
-        Seed of the patient split.
+    Args:
+        root: Dataset root.
+        val_fraction: Fraction of training patients held out for validation.
+        seed: Seed of the patient split.
 
-    Returns
-    -------
-    dict
+    Returns:
         The datalist, paths relative to ``root``.
     """
     root = Path(root)
@@ -380,18 +365,12 @@ def prepare_acdc_msd(
     ``imagesTs/`` (with ``labelsTs/`` if present) becomes the test list. An existing
     ``dataset.json`` is not read: its split may put frames of one patient on both sides.
 
-    Parameters
-    ----------
-    root : str or os.PathLike
-        Dataset root.
-    val_fraction : float
-        Fraction of training patients held out for validation.
-    seed : int
-        Seed of the patient split.
+    Args:
+        root: Dataset root.
+        val_fraction: Fraction of training patients held out for validation.
+        seed: Seed of the patient split.
 
-    Returns
-    -------
-    dict
+    Returns:
         The datalist, paths relative to ``root``.
     """
     root = Path(root)
@@ -417,14 +396,10 @@ def prepare_acdc_msd(
 def remap_btcv_to_synapse8(label: np.ndarray) -> np.ndarray:
     """Map BTCV organ ids (1..13) to the 8 Synapse classes, everything else to background.
 
-    Parameters
-    ----------
-    label : numpy.ndarray
-        BTCV label map of any shape.
+    Args:
+        label: BTCV label map of any shape.
 
-    Returns
-    -------
-    numpy.ndarray
+    Returns:
         ``uint8`` label map of the same shape with values 0..8 (see ``SYNAPSE8_LABELS``).
     """
     out = np.zeros(label.shape, dtype=np.uint8)
@@ -468,24 +443,16 @@ def prepare_synapse_raw(
     ``SYNAPSE_TRAIN_CASES`` are for training, the 12 of ``SYNAPSE_TEST_CASES`` are the test list
     and, unless ``val_fraction`` is given, also the validation list.
 
-    Parameters
-    ----------
-    root : str or os.PathLike
-        Dataset root.
-    val_fraction : float or None
-        If given, the fraction of the 18 training cases held out for validation.
-    seed : int
-        Seed of that split.
-    remap_synapse8 : bool
-        Write ``uint8`` label volumes remapped to the 8 Synapse organs (same affine and header
-        geometry) into ``output_dir`` and point the datalist at them. Otherwise the BTCV labels
-        (13 organs) are listed as they are.
-    output_dir : str, os.PathLike or None
-        Folder of the remapped labels, ``ROOT/label_synapse8`` by default.
+    Args:
+        root: Dataset root.
+        val_fraction: If given, the fraction of the 18 training cases held out for validation.
+        seed: Seed of that split.
+        remap_synapse8: Write ``uint8`` label volumes remapped to the 8 Synapse organs (same affine and header
+            geometry) into ``output_dir`` and point the datalist at them. Otherwise the BTCV labels
+            (13 organs) are listed as they are.
+        output_dir: Folder of the remapped labels, ``ROOT/label_synapse8`` by default.
 
-    Returns
-    -------
-    dict
+    Returns:
         The datalist, paths relative to ``root``.
     """
     root = Path(root)
@@ -614,20 +581,13 @@ def prepare_synapse_npz(
     ``output_dir/{imagesTr,labelsTr,imagesTs,labelsTs}/caseXXXX.nii.gz``.
     The test volumes are the test list and, unless ``val_fraction`` is given, the validation list.
 
-    Parameters
-    ----------
-    root : str or os.PathLike
-        Dataset root.
-    val_fraction : float or None
-        If given, the fraction of the training cases held out for validation.
-    seed : int
-        Seed of that split.
-    output_dir : str, os.PathLike or None
-        Folder of the converted volumes, ``ROOT/nifti`` by default.
+    Args:
+        root: Dataset root.
+        val_fraction: If given, the fraction of the training cases held out for validation.
+        seed: Seed of that split.
+        output_dir: Folder of the converted volumes, ``ROOT/nifti`` by default.
 
-    Returns
-    -------
-    dict
+    Returns:
         The datalist (``SYNAPSE8_LABELS``), paths relative to ``root``.
     """
     root = Path(root)
@@ -686,20 +646,13 @@ def prepare_kvasir(
     Masks are listed as they are (0/255, JPEG masks with compression noise); binarise them
     when loading. The split is random by image.
 
-    Parameters
-    ----------
-    root : str or os.PathLike
-        Dataset root.
-    val_fraction : float
-        Fraction of images held out for validation.
-    seed : int
-        Seed of the split.
-    image_dir, mask_dir : str
-        Folders of the images and masks, relative to ``root``.
+    Args:
+        root: Dataset root.
+        val_fraction: Fraction of images held out for validation.
+        seed: Seed of the split.
+        image_dir, mask_dir: Folders of the images and masks, relative to ``root``.
 
-    Returns
-    -------
-    dict
+    Returns:
         The datalist, labels ``{"0": "background", "1": "polyp"}``, paths relative to ``root``.
     """
     labels = {"0": "background", "1": "polyp"}
@@ -719,20 +672,13 @@ def prepare_isic(
     random by image. Point ``image_dir`` and ``mask_dir`` at the release folders, e.g.
     ``ISIC-2017_Training_Data`` and ``ISIC-2017_Training_Part1_GroundTruth``.
 
-    Parameters
-    ----------
-    root : str or os.PathLike
-        Dataset root.
-    val_fraction : float
-        Fraction of images held out for validation.
-    seed : int
-        Seed of the split.
-    image_dir, mask_dir : str
-        Folders of the images and masks, relative to ``root``.
+    Args:
+        root: Dataset root.
+        val_fraction: Fraction of images held out for validation.
+        seed: Seed of the split.
+        image_dir, mask_dir: Folders of the images and masks, relative to ``root``.
 
-    Returns
-    -------
-    dict
+    Returns:
         The datalist, labels ``{"0": "background", "1": "lesion"}``, paths relative to ``root``.
     """
     labels = {"0": "background", "1": "lesion"}
@@ -784,21 +730,14 @@ def prepare_msd(
 ) -> dict:
     """Validate an MSD ``dataset.json`` and split ``training`` if it has no ``validation`` list.
 
-    Parameters
-    ----------
-    root : str or os.PathLike
-        Folder holding ``dataset.json``, or the path of the JSON file; its paths are relative
-        to the folder it is in.
-    val_fraction : float
-        Fraction of training cases held out for validation when there is no validation list.
-    seed : int
-        Seed of that split.
-    allow_outside_root : bool
-        Accept absolute paths and paths through ``..`` (they are written relative to the root).
+    Args:
+        root: Folder holding ``dataset.json``, or the path of the JSON file; its paths are relative
+            to the folder it is in.
+        val_fraction: Fraction of training cases held out for validation when there is no validation list.
+        seed: Seed of that split.
+        allow_outside_root: Accept absolute paths and paths through ``..`` (they are written relative to the root).
 
-    Returns
-    -------
-    dict
+    Returns:
         The datalist: ``name``, ``labels`` and other metadata kept, paths relative to the root.
     """
     json_path = Path(root)
@@ -841,14 +780,10 @@ LAYOUTS: dict[str, Callable[..., dict]] = {
 def detect_layout(root: str | os.PathLike) -> str:
     """Name of the layout in ``LAYOUTS`` that the folder contents match.
 
-    Parameters
-    ----------
-    root : str or os.PathLike
-        Dataset root (or an MSD ``dataset.json``).
+    Args:
+        root: Dataset root (or an MSD ``dataset.json``).
 
-    Returns
-    -------
-    str
+    Returns:
         The layout name.
     """
     root = Path(root)
@@ -879,18 +814,12 @@ def detect_layout(root: str | os.PathLike) -> str:
 def prepare_datalist(layout: str, root: str | os.PathLike, **options) -> dict:
     """Build the datalist of ``root`` with the ``prepare_*`` function of ``layout``.
 
-    Parameters
-    ----------
-    layout : str
-        One of ``LAYOUTS`` or ``"auto"`` (see :func:`detect_layout`).
-    root : str or os.PathLike
-        Dataset root.
-    options
-        Keyword arguments of that function (``val_fraction``, ``seed``, ...).
+    Args:
+        layout: One of ``LAYOUTS`` or ``"auto"`` (see :func:`detect_layout`).
+        root: Dataset root.
+        options: Keyword arguments of that function (``val_fraction``, ``seed``, ...).
 
-    Returns
-    -------
-    dict
+    Returns:
         The datalist.
     """
     if layout == "auto":
@@ -907,16 +836,11 @@ def prepare_datalist(layout: str, root: str | os.PathLike, **options) -> dict:
 def write_datalist(datalist: dict, path: str | os.PathLike) -> Path:
     """Write the datalist as JSON atomically: a reader sees the old file or the whole new one.
 
-    Parameters
-    ----------
-    datalist : dict
-        JSON-serialisable datalist.
-    path : str or os.PathLike
-        Output file; its folder is created if needed.
+    Args:
+        datalist: JSON-serialisable datalist.
+        path: Output file; its folder is created if needed.
 
-    Returns
-    -------
-    pathlib.Path
+    Returns:
         ``path``.
     """
     path = Path(path)
@@ -942,14 +866,10 @@ def main(layout: str, root: str, out: str | None = None, **options) -> None:
     ``--seed``, ``--output_dir``, ``--remap_synapse8``, ``--allow_outside_root``, ``--image_dir``,
     ``--mask_dir``. On a bad dataset, prints ``error: <message>`` to stderr and exits with status 2.
 
-    Parameters
-    ----------
-    layout : str
-        ``auto`` or one of acdc, acdc_msd, synapse_raw, synapse_npz, kvasir, isic, msd.
-    root : str
-        Dataset root (for ``msd`` also the ``dataset.json`` path).
-    out : str or None
-        Output JSON path.
+    Args:
+        layout: ``auto`` or one of acdc, acdc_msd, synapse_raw, synapse_npz, kvasir, isic, msd.
+        root: Dataset root (for ``msd`` also the ``dataset.json`` path).
+        out: Output JSON path.
     """
     # fire turns numeric-looking arguments into numbers, so paths are made strings again.
     root = Path(str(root))

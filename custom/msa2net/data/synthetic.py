@@ -215,34 +215,21 @@ def make_volume_dataset(
     Both files of a case share the affine ``diag(*spacing, 1)`` (RAS+, origin 0). The last
     ``num_validation`` cases form the validation list.
 
-    Parameters
-    ----------
-    out_dir : str or os.PathLike
-        Folder to write into; created if missing, existing files are overwritten.
-    num_cases : int
-        Number of cases, at least 1.
-    shape : sequence of 3 int
-        Volume size ``(x, y, z)`` in voxels; in-plane at least 16, depth at least 4.
-    num_classes : int
-        Number of classes including background, 2 to 256 (labels are uint8).
-    num_validation : int
-        Number of cases listed under ``validation``, ``0 <= num_validation < num_cases``.
-    spacing : sequence of 3 float
-        Voxel size ``(x, y, z)`` in mm, all positive.
-    noise : float
-        Standard deviation of the additive Gaussian noise, non-negative.
-    seed : int
-        Non-negative seed; the same arguments give identical arrays.
+    Args:
+        out_dir: Folder to write into; created if missing, existing files are overwritten.
+        num_cases: Number of cases, at least 1.
+        shape: Volume size ``(x, y, z)`` in voxels; in-plane at least 16, depth at least 4.
+        num_classes: Number of classes including background, 2 to 256 (labels are uint8).
+        num_validation: Number of cases listed under ``validation``, ``0 <= num_validation < num_cases``.
+        spacing: Voxel size ``(x, y, z)`` in mm, all positive.
+        noise: Standard deviation of the additive Gaussian noise, non-negative.
+        seed: Non-negative seed; the same arguments give identical arrays.
 
-    Returns
-    -------
-    str
+    Returns:
         Path of the written ``dataset.json``.
 
-    Raises
-    ------
-    ValueError
-        When an argument is outside the ranges above.
+    Raises:
+        ValueError: When an argument is outside the ranges above.
     """
     num_cases, num_validation = _check_split(num_cases, num_validation)
     shape = _check_size("shape", shape, (_MIN_PLANE, _MIN_PLANE, _MIN_DEPTH))
@@ -333,28 +320,18 @@ def make_rgb_dataset(
 
     The last ``num_validation`` cases form the validation list.
 
-    Parameters
-    ----------
-    out_dir : str or os.PathLike
-        Folder to write into; created if missing, existing files are overwritten.
-    num_cases : int
-        Number of cases, at least 1.
-    size : sequence of 2 int
-        Image size ``(height, width)`` in pixels, each at least 16.
-    num_validation : int
-        Number of cases listed under ``validation``, ``0 <= num_validation < num_cases``.
-    seed : int
-        Non-negative seed; the same arguments give identical images.
+    Args:
+        out_dir: Folder to write into; created if missing, existing files are overwritten.
+        num_cases: Number of cases, at least 1.
+        size: Image size ``(height, width)`` in pixels, each at least 16.
+        num_validation: Number of cases listed under ``validation``, ``0 <= num_validation < num_cases``.
+        seed: Non-negative seed; the same arguments give identical images.
 
-    Returns
-    -------
-    str
+    Returns:
         Path of the written ``dataset.json``.
 
-    Raises
-    ------
-    ValueError
-        When an argument is outside the ranges above.
+    Raises:
+        ValueError: When an argument is outside the ranges above.
     """
     num_cases, num_validation = _check_split(num_cases, num_validation)
     plane = _check_size("size", size, (_MIN_PLANE, _MIN_PLANE))

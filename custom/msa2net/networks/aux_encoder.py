@@ -3,6 +3,10 @@
 The paper pairs the CSWin encoder with "ResNet equipped with adaptive convolution
 modules" whose features keep fine detail. Block type (bottleneck), widths and depths are
 design choices of this project, chosen so the auxiliary branch stays light next to CSWin.
+
+Reference: Chao Deng, Xiaosen Li, Xiao Qin, "MSA2-Net: Utilizing Self-Adaptive Convolution
+Module to Extract Multi-Scale Information in Medical Image Segmentation", arXiv:2509.01498, 2025.
+Choices the text leaves open: ``bundle/docs/design.md``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
-from .sacm import SACM
+from .sacm import SACM, SACM_KERNEL_SIZES
 
 __all__ = ["SACMBottleneck", "AuxResNetEncoder"]
 
@@ -47,7 +51,7 @@ class SACMBottleneck(nn.Module):
         in_channels: int,
         out_channels: int,
         stride: int = 1,
-        kernel_sizes: Sequence[int] = (3, 5, 7),
+        kernel_sizes: Sequence[int] = SACM_KERNEL_SIZES,
         reduction: int = 4,
         norm: str | tuple = "batch",
         sacm_form: str = "kernel",
@@ -85,9 +89,9 @@ class AuxResNetEncoder(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        channels: Sequence[int] = (64, 128, 256, 512),
-        depths: Sequence[int] = (1, 1, 1, 1),
-        kernel_sizes: Sequence[int] = (3, 5, 7),
+        channels: Sequence[int],
+        depths: Sequence[int],
+        kernel_sizes: Sequence[int] = SACM_KERNEL_SIZES,
         norm: str | tuple = "batch",
         sacm_form: str = "kernel",
     ) -> None:

@@ -5,6 +5,10 @@ adaptive convolutions" to remove the striated texture that stripe attention leav
 the decoder sees them. Our reading (design choice): per skip, a stack of residual blocks
 ``x + BN(PW(DW-SACM(x)))``, with a depthwise SACM doing the spatial filtering and a
 pointwise convolution mixing channels, which keeps the bridge light at every width.
+
+Reference: Chao Deng, Xiaosen Li, Xiao Qin, "MSA2-Net: Utilizing Self-Adaptive Convolution
+Module to Extract Multi-Scale Information in Medical Image Segmentation", arXiv:2509.01498, 2025.
+Choices the text leaves open: ``bundle/docs/design.md``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
-from .sacm import SACM
+from .sacm import SACM, SACM_KERNEL_SIZES
 
 __all__ = ["BridgeBlock", "MSConvBridge"]
 
@@ -27,7 +31,7 @@ class BridgeBlock(nn.Module):
     """
 
     def __init__(
-        self, channels: int, kernel_sizes: Sequence[int] = (3, 5, 7), norm: str | tuple = "batch", sacm_form: str = "kernel"
+        self, channels: int, kernel_sizes: Sequence[int] = SACM_KERNEL_SIZES, norm: str | tuple = "batch", sacm_form: str = "kernel"
     ) -> None:
         super().__init__()
         self.spatial = SACM(channels, channels, kernel_sizes, groups=channels, norm=norm, act="gelu", form=sacm_form)
@@ -43,14 +47,14 @@ class MSConvBridge(nn.Module):
 
     Args:
         channels: channels of each skip, shallow to deep.
-        depth: blocks per skip (design choice: 2).
+        depth: blocks per skip.
         kernel_sizes: SACM candidate kernels.
 
     Shapes: list of ``(B, channels[i], H_i, W_i)`` -> list of the same shapes.
     """
 
     def __init__(
-        self, channels: Sequence[int], depth: int = 2, kernel_sizes: Sequence[int] = (3, 5, 7), norm: str | tuple = "batch", sacm_form: str = "kernel"
+        self, channels: Sequence[int], depth: int, kernel_sizes: Sequence[int] = SACM_KERNEL_SIZES, norm: str | tuple = "batch", sacm_form: str = "kernel"
     ) -> None:
         super().__init__()
         if depth < 1:

@@ -9,6 +9,11 @@ stride-2 convolutional patch merging; the last stage attends over the whole map.
 Differences from the classification model: no class head; every stage returns a
 ``(B, C, H, W)`` map; feature maps whose size a stripe width does not divide are
 zero-padded and the padded keys masked, so any input whose sides are multiples of 32 works.
+
+MSA2-Net (Deng, Li, Qin, arXiv:2509.01498) uses this encoder as its primary branch; the
+paper says it was modified to keep detail while downsampling without saying how, so the
+encoder here is CSWin's own, and the detail comes from the auxiliary SACM ResNet
+(``bundle/docs/design.md``).
 """
 
 from __future__ import annotations
@@ -168,6 +173,8 @@ class CSWinStem(nn.Module):
 class CSWinEncoder(nn.Module):
     """Four-stage CSWin Transformer feature extractor (strides 4, 8, 16, 32).
 
+    The sizes have no defaults here: MSA2-Net's defaults (CSWin-T) live in :class:`~msa2net.networks.MSA2Net`.
+
     Args:
         in_channels: image channels.
         embed_dim: channels of stage 1; stage ``i`` has ``embed_dim * 2**i``.
@@ -186,13 +193,13 @@ class CSWinEncoder(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        embed_dim: int = 64,
-        depths: Sequence[int] = (1, 2, 21, 1),
-        num_heads: Sequence[int] = (2, 4, 8, 16),
-        stripe_widths: Sequence[int] = (1, 2, 7, 7),
+        in_channels: int,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        stripe_widths: Sequence[int],
         mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.1,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if not len(depths) == len(num_heads) == len(stripe_widths) == 4:

@@ -5,6 +5,10 @@ adaptive convolution groups". Our reading (design choice): a Res2Net-like chain 
 SACM_j sees its own channel group plus the output of SACM_{j-1}, so later members see
 ever larger receptive fields; the outputs are concatenated and fused by a 1x1 convolution
 with a residual path.
+
+Reference: Chao Deng, Xiaosen Li, Xiao Qin, "MSA2-Net: Utilizing Self-Adaptive Convolution
+Module to Extract Multi-Scale Information in Medical Image Segmentation", arXiv:2509.01498, 2025.
+Choices the text leaves open: ``bundle/docs/design.md``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from .sacm import SACM
+from .sacm import SACM, SACM_KERNEL_SIZES
 
 __all__ = ["NestedSACMGroup", "MSADecoder", "PlainDecoder"]
 
@@ -30,7 +34,7 @@ class NestedSACMGroup(nn.Module):
     Shapes: ``(B, C, H, W)`` -> ``(B, C, H, W)``; ``scales`` must divide ``C``.
     """
 
-    def __init__(self, channels: int, scales: int = 4, kernel_sizes: Sequence[int] = (3, 5, 7), norm="batch", sacm_form="kernel") -> None:
+    def __init__(self, channels: int, scales: int, kernel_sizes: Sequence[int] = SACM_KERNEL_SIZES, norm="batch", sacm_form="kernel") -> None:
         super().__init__()
         if scales < 2 or channels % scales:
             raise ValueError(f"scales={scales} must be >= 2 and divide channels={channels}.")
@@ -76,11 +80,13 @@ class _Decoder(nn.Module):
         self.merges = nn.ModuleList(_UpMerge(channels[i + 1], channels[i], channels[i], norm) for i in range(len(channels) - 1))
         self.refine = nn.ModuleList(refine)
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        x = feats[-1]
+    def forward(self, feats: Sequence[torch.Tensor], all_scales: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """The refined stride-4 map; with ``all_scales``, every scale's refined map, shallow to deep."""
+        x, outs = feats[-1], []
         for i in reversed(range(len(feats) - 1)):
             x = self.refine[i](self.merges[i](x, feats[i]))
-        return x
+            outs.append(x)
+        return outs[::-1] if all_scales else x
 
 
 class MSADecoder(_Decoder):
@@ -92,10 +98,11 @@ class MSADecoder(_Decoder):
         depth: nested groups per scale.
         kernel_sizes: SACM candidate kernels.
 
-    Shapes: maps ``(B, channels[i], H_i, W_i)`` -> ``(B, channels[0], H_0, W_0)``.
+    Shapes: maps ``(B, channels[i], H_i, W_i)`` -> ``(B, channels[0], H_0, W_0)``; with
+    ``all_scales=True`` the refined maps ``(B, channels[i], H_i, W_i)`` of every scale but the deepest.
     """
 
-    def __init__(self, channels: Sequence[int], scales: int = 4, depth: int = 1, kernel_sizes=(3, 5, 7), norm="batch", sacm_form="kernel") -> None:
+    def __init__(self, channels: Sequence[int], scales: int, depth: int, kernel_sizes=SACM_KERNEL_SIZES, norm="batch", sacm_form="kernel") -> None:
         refine = [
             nn.Sequential(*(NestedSACMGroup(c, scales, kernel_sizes, norm, sacm_form) for _ in range(depth)))
             for c in channels[:-1]

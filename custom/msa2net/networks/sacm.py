@@ -1,10 +1,11 @@
 """Self-Adaptive Convolution Module (SACM).
 
-Reference: "MSA2-Net: Utilizing Self-Adaptive Convolution Module to Extract Multi-Scale
-Information in Medical Image Segmentation" (the paper's text names a per-input statistical
-fingerprint, a two-layer MLP gate and a differentiable soft attention over candidate
-kernels). Kernel sizes, gate width, temperature and the norm/activation that follow are
-design choices of this project (see ``shared/design/msa2net.md``), not the paper's word.
+Reference: Chao Deng, Xiaosen Li, Xiao Qin, "MSA2-Net: Utilizing Self-Adaptive Convolution
+Module to Extract Multi-Scale Information in Medical Image Segmentation", arXiv:2509.01498, 2025.
+The paper's text names a per-input statistical fingerprint, a two-layer MLP gate and a
+differentiable soft attention over candidate kernels. Kernel sizes, gate width, temperature
+and the norm/activation that follow are design choices of this project (see
+``bundle/docs/design.md``), not the paper's word.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import torch.nn.functional as F
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
-__all__ = ["SACM", "SACM_FORMS"]
+__all__ = ["SACM", "SACM_FORMS", "SACM_KERNEL_SIZES"]
+
+#: Candidate kernel sizes of every SACM unless a caller says otherwise (design choice).
+SACM_KERNEL_SIZES = (3, 5, 7)
 
 #: ``"kernel"``: one convolution with the per-sample aggregated kernel ``sum_k a_k W_k``.
 #: ``"sum"``: the reference form ``sum_k a_k conv(x, W_k)``. Both compute the same function.
@@ -61,7 +65,7 @@ class SACM(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_sizes: Sequence[int] = (3, 5, 7),
+        kernel_sizes: Sequence[int] = SACM_KERNEL_SIZES,
         stride: int = 1,
         groups: int = 1,
         gate_reduction: int = 4,
