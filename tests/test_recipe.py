@@ -1,0 +1,141 @@
+"""The training recipe's parts: per-iteration learning rate, time budget, gradient clipping, EMA, flip TTA, augmentation."""
+
+import json
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from msa2net.data.augment import RandSliceAugmentd, SliceAugmentation
+from msa2net.schedule import IterationLR, TimeBudget, lr_factor
+from msa2net.step_handlers import EMAUpdate, GradientClipping, model_ema
+from msa2net.tta import FlipTTAInferer
+
+BUNDLE_AUG = json.loads((Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json").read_text())["augmentation_params"]
+
+
+def test_lr_factor_warms_up_then_decays_to_zero():
+    assert lr_factor(0, 100, warmup_iters=10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, warmup_iters=10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, warmup_iters=10) == pytest.approx(1.0)
+    assert lr_factor(100, 100, "poly", 10) == 0.0 and lr_factor(100, 100, "cosine", 10) == pytest.approx(0.0)
+    assert lr_factor(55, 100, "cosine", 10) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(50, 100, "step")
+
+
+def test_time_budget_fits_the_run_and_the_schedule_ends_with_it():
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=0.1)
+    lrs = []
+
+    def step(engine, batch):
+        time.sleep(0.01)
+        lrs.append(opt.param_groups[0]["lr"])
+
+    engine = Engine(step)
+    IterationLR(opt, "poly", warmup_iters=2).attach(engine)
+    TimeBudget(1.5).attach(engine)
+    start = time.perf_counter()
+    engine.run(range(5), max_epochs=10_000)
+    took = time.perf_counter() - start
+    assert 1.2 < took < 2.5  # the budget, not 10,000 epochs, ended the run
+    assert engine.state.max_epochs == engine.state.epoch < 10_000
+    assert lrs[0] == pytest.approx(0.05) and max(lrs) == pytest.approx(0.1)
+    assert lrs[-1] < 0.02  # decayed to (almost) zero by the last iteration: the schedule was not cut off
+    assert opt.param_groups[0]["initial_lr"] == 0.1
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+    net = torch.nn.Linear(8, 8)
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    GradientClipping(net, max_norm=2.0)(SimpleNamespace(amp=False, scaler=None, optimizer=None))
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()]))
+    assert norm == pytest.approx(2.0, rel=1e-4)
+    with pytest.raises(ValueError):
+        GradientClipping(net, max_norm=0)
+
+
+def test_ema_follows_the_weights_slowly():
+    net = torch.nn.Linear(2, 2)
+    ema = model_ema(net, decay=0.9)
+    updater = EMAUpdate(ema, net)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    updater(SimpleNamespace(state=SimpleNamespace(iteration=1)))  # decay warm-up: the first update copies
+    assert torch.allclose(ema.module.weight, net.weight)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    updater(SimpleNamespace(state=SimpleNamespace(iteration=1000)))  # warmed up: decay 0.9
+    assert torch.allclose(ema.module.weight, net.weight - 0.9)
+    with pytest.raises(ValueError):
+        model_ema(net, decay=1.0)
+
+
+def test_flip_tta_averages_probabilities_of_flipped_passes():
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 3, 3, padding=1)  # not flip-equivariant
+    x = torch.randn(2, 1, 16, 16)
+
+    def plain(inputs, network):
+        return network(inputs)
+
+    out = FlipTTAInferer(plain, [[2], [3]])(x, net)
+    expected = (net(x).softmax(1) + net(x.flip(2)).softmax(1).flip(2) + net(x.flip(3)).softmax(1).flip(3)) / 3
+    assert torch.allclose(out.softmax(1), expected, atol=1e-5)
+    assert torch.equal(FlipTTAInferer(plain, [])(x, net), net(x))
+    with pytest.raises(ValueError, match="spatial dims"):
+        FlipTTAInferer(plain, [[1]])
+
+
+def blobs(n=6, size=48):
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    img = torch.stack([torch.exp(-(((yy - 15 - 3 * i) / 8) ** 2 + ((xx - 20 - 2 * i) / 6) ** 2)) for i in range(n)])[:, None]
+    return img, (img > 0.5).to(torch.uint8) + (img > 0.8).to(torch.uint8)
+
+
+def test_spatial_augmentation_moves_image_and_label_together():
+    img, lbl = blobs()
+    aug = SliceAugmentation(rotate_prob=1.0, scale_prob=1.0, flip_prob=0.5)
+    out_img, out_lbl = aug(img, lbl, torch.Generator().manual_seed(1))
+    assert out_lbl.dtype == torch.uint8 and set(out_lbl.unique().tolist()) <= {0, 1, 2}
+    ref = (out_img > 0.5).to(torch.uint8) + (out_img > 0.8).to(torch.uint8)
+    assert (out_lbl != ref).float().mean() < 0.02  # bilinear vs nearest differ only at boundaries
+    assert not torch.equal(out_lbl, lbl)
+
+
+def test_intensity_augmentation_leaves_labels_and_respects_zero_probabilities():
+    img, lbl = blobs()
+    g = torch.Generator().manual_seed(2)
+    out_img, out_lbl = SliceAugmentation(**BUNDLE_AUG)(img.clone(), lbl.clone(), g)
+    assert out_img.shape == img.shape and torch.isfinite(out_img).all()
+    none_img, none_lbl = SliceAugmentation()(img.clone(), lbl.clone(), g)
+    assert torch.equal(none_img, img) and torch.equal(none_lbl, lbl)
+    every = {k: (1.0 if k.endswith("_prob") and k not in ("rot90_prob", "flip_prob", "rotate_prob", "scale_prob") else v)
+             for k, v in BUNDLE_AUG.items() if not k.startswith(("rotate", "scale", "flip"))}
+    changed, same_lbl = SliceAugmentation(**every)(img.clone(), lbl.clone(), g)
+    assert torch.equal(same_lbl, lbl) and not torch.allclose(changed, img)
+
+
+def test_augmentation_arguments_are_validated():
+    with pytest.raises(ValueError, match="gamma_prob"):
+        SliceAugmentation(gamma_prob=1.5)
+    with pytest.raises(ValueError, match="scale_range"):
+        SliceAugmentation(scale_range=(1.4, 0.7))
+    with pytest.raises(ValueError, match="square"):
+        SliceAugmentation(rot90_prob=1.0)(torch.rand(1, 1, 8, 12), None)
+
+
+def test_dictionary_form_is_seeded_and_keeps_types():
+    img, lbl = blobs(1)
+    t1 = RandSliceAugmentd(["image", "label"], BUNDLE_AUG).set_random_state(5)
+    t2 = RandSliceAugmentd(["image", "label"], BUNDLE_AUG).set_random_state(5)
+    a, b = t1({"image": img[0], "label": lbl[0]}), t2({"image": img[0], "label": lbl[0]})
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert a["image"].shape == img[0].shape and a["label"].dtype == torch.uint8
+    assert "label" not in t1({"image": img[0]})  # inference-style data without a label
