@@ -139,7 +139,7 @@ def load_weights(network: torch.nn.Module, ckpt_path: str | os.PathLike, device=
     state = state.get("model", state) if isinstance(state, dict) else state
     mismatch = describe_mismatch(network, state)
     if mismatch:
-        raise ValueError(f"{path}: weights do not fit this network: {mismatch}; pass --ckpt_path with matching weights.")
+        raise ValueError(f"{path}: weights do not fit this network: {mismatch}.")
     network.load_state_dict(state)
 
 
@@ -218,8 +218,11 @@ def load_weights_or_exit(network: torch.nn.Module, ckpt_path: str | os.PathLike,
     """:func:`load_weights`, ending the program with status 2 and one line ``error: <file>: <problem>`` if it fails."""
     try:
         load_weights(network, ckpt_path, device)
-    except (OSError, ValueError) as e:
+    except OSError as e:
         logger.error("error: %s", error_line(e))
+        raise SystemExit(2) from None
+    except ValueError as e:
+        logger.error("error: %s Choose the weights with --ckpt_path.", error_line(e))
         raise SystemExit(2) from None
 
 
