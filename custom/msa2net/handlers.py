@@ -16,7 +16,6 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from ignite.metrics import RunningAverage
-from monai.handlers import from_engine
 
 from msa2net.weights import describe_mismatch
 
@@ -81,6 +80,11 @@ def per_class_means(evaluator: Engine, class_names: list[str] | None = None) -> 
     return {n: _finite_mean(values[:, i]) for i, n in enumerate(names[: values.shape[1]])}
 
 
+def _loss(output):
+    """The loss of a step's output: MONAI's trainers give a list of per-sample dicts (decollated), plain engines a dict."""
+    return (output[0] if isinstance(output, list) else output)["loss"]
+
+
 def _drop_info(pattern: str) -> logging.Filter:
     """A filter dropping INFO records whose message starts with ``pattern``; warnings and errors always pass."""
     regex = re.compile(pattern)
@@ -135,7 +139,7 @@ class TrainingLogWriter:
 
     def _collect(self, engine: Engine) -> None:
         # kept on the device: a float() here would synchronise the GPU every iteration
-        self._losses.append(torch.as_tensor(from_engine(["loss"], first=True)(engine.state.output)).detach())
+        self._losses.append(torch.as_tensor(_loss(engine.state.output)).detach())
 
     def __call__(self, engine: Engine) -> None:
         val, per_class = None, {}
@@ -187,7 +191,7 @@ class EpochProgressBar:
         self.alpha = alpha
 
     def attach(self, engine: Engine) -> None:
-        loss = RunningAverage(output_transform=lambda out: from_engine(["loss"], first=True)(out), alpha=self.alpha)
+        loss = RunningAverage(output_transform=_loss, alpha=self.alpha)
         loss.attach(engine, "running_loss")
         if _is_main_process():
             ProgressBar(persist=False, disable=None).attach(engine, metric_names=["running_loss"])

@@ -55,12 +55,10 @@ def describe_mismatch(network: torch.nn.Module, state: Mapping[str, torch.Tensor
     if hasattr(network, "encoder") and ckpt_in and ckpt_out and net_in and net_out:
         ckpt_preset = _preset_of(ckpt, ckpt_in, ckpt_out)
         net_preset = net_preset or _preset_of(net, net_in, net_out)
-        if ckpt_preset != net_preset:
-            parts.append(
-                f"preset: {ckpt_preset!r} in the weights vs {net_preset!r} in the config (model_preset)"
-                if ckpt_preset
-                else f"the weights are not an MSA2-Net of any preset (the config builds {net_preset!r})"
-            )
+        if ckpt_preset and net_preset and ckpt_preset != net_preset:
+            parts.append(f"preset: {ckpt_preset!r} in the weights vs {net_preset!r} in the config (model_preset)")
+        elif net_preset and not ckpt_preset:
+            parts.append(f"the weights are not an MSA2-Net of any preset (the config builds {net_preset!r})")
     if not parts:
         missing, unexpected = sorted(net.keys() - ckpt.keys()), sorted(ckpt.keys() - net.keys())
         reshaped = [k for k in net.keys() & ckpt.keys() if net[k] != ckpt[k]]
