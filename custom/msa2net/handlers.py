@@ -20,7 +20,7 @@ from ignite.metrics import RunningAverage
 from msa2net.weights import describe_mismatch
 
 __all__ = [
-    "MetricSummaryWriter", "TrainingLogWriter", "EpochProgressBar", "TrainingTimeLimit", "BestMetricState",
+    "MetricSummaryWriter", "TrainingLogWriter", "per_class_means", "EpochProgressBar", "TrainingTimeLimit", "BestMetricState",
     "BestModelSaver", "ResumeCheckpoint", "ResumeMismatchError", "atomic_write_text",
 ]
 
@@ -37,6 +37,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def _finite_mean(values: np.ndarray) -> float | None:
     values = values[np.isfinite(values)]
     return float(values.mean()) if values.size else None
+
+
+def _per_class(details, class_names: list[str] | None) -> tuple[np.ndarray, dict[str, float | None]]:
+    """Per-case values ``(cases, classes)`` of a metric's details and each class's mean over the cases where it is defined."""
+    values = torch.as_tensor(details).float().cpu().numpy().reshape(len(details), -1)
+    names = class_names or [f"class_{i + 1}" for i in range(values.shape[1])]
+    return values, {n: _finite_mean(values[:, i]) for i, n in enumerate(names[: values.shape[1]])}
 
 
 class MetricSummaryWriter:
@@ -61,23 +68,17 @@ class MetricSummaryWriter:
     def __call__(self, engine: Engine) -> None:
         summary: dict = {"num_cases": None, "metrics": {}}
         for name, details in engine.state.metric_details.items():
-            values = torch.as_tensor(details).float().cpu().numpy().reshape(len(details), -1)
+            values, per_class = _per_class(details, self.class_names)
             summary["num_cases"] = int(values.shape[0])
-            names = self.class_names or [f"class_{i + 1}" for i in range(values.shape[1])]
-            per_class = {n: _finite_mean(values[:, i]) for i, n in enumerate(names[: values.shape[1]])}
             case_means = np.array([_finite_mean(row) if _finite_mean(row) is not None else math.nan for row in values])
             summary["metrics"][name] = {"mean": _finite_mean(case_means), "per_class": per_class}
         atomic_write_text(self.output_file, json.dumps(summary, indent=2) + "\n")
 
 
-def per_class_means(evaluator: Engine, class_names: list[str] | None = None) -> dict[str, float]:
+def per_class_means(evaluator: Engine, class_names: list[str] | None = None) -> dict[str, float | None]:
     """Mean over cases of each class of the evaluator's key metric (from MONAI's ``metric_details``)."""
     details = getattr(evaluator.state, "metric_details", {}).get(evaluator.state.key_metric_name)
-    if details is None:
-        return {}
-    values = torch.as_tensor(details).float().cpu().numpy().reshape(len(details), -1)
-    names = class_names or [f"class_{i + 1}" for i in range(values.shape[1])]
-    return {n: _finite_mean(values[:, i]) for i, n in enumerate(names[: values.shape[1]])}
+    return {} if details is None else _per_class(details, class_names)[1]
 
 
 def _loss(output):
@@ -149,12 +150,14 @@ class TrainingLogWriter:
         loss = float(torch.stack(self._losses).float().mean()) if self._losses else None
         self._losses = []
         now = time.perf_counter()
-        line = f"epoch {engine.state.epoch}/{engine.state.max_epochs}: loss {loss:.4f}" if loss is not None else ""
+        parts = [] if loss is None else [f"loss {loss:.4f}"]
         if val is not None:
             classes = ", ".join(f"{n} {v:.4f}" if v is not None else f"{n} -" for n, v in per_class.items())
             best = self.validator.state
-            line += f", validation Dice {float(val):.4f} ({classes}; best {best.best_metric:.4f} at epoch {best.best_metric_epoch})"
-        engine.logger.info(f"{line}, {now - self._epoch_t0:.1f} s (total {now - self._t0:.0f} s)")
+            parts.append(f"validation Dice {float(val):.4f} ({classes}; best {best.best_metric:.4f} at epoch {best.best_metric_epoch})")
+        parts.append(f"{now - self._epoch_t0:.1f} s (total {now - self._t0:.0f} s)")
+        if _is_main_process():
+            engine.logger.info(f"epoch {engine.state.epoch}/{engine.state.max_epochs}: " + ", ".join(parts))
         rows = []
         if Path(self.output_file).is_file():
             with open(self.output_file, newline="") as f:
