@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -181,3 +182,22 @@ def test_num_workers_default_to_the_cores_this_process_may_use():
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
     assert parser.get_parsed_content("num_workers") == min(4, len(os.sched_getaffinity(0)))
+
+
+def test_publish_refuses_weights_that_do_not_fit_and_leaves_the_bundle_alone(tmp_path):
+    from msa2net.publish import publish
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    shutil.copytree(BUNDLE / "models", bundle / "models")
+    before = (bundle / "models" / "model.pt").read_bytes()
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    torch.save({"model": create_msa2net("tiny", in_channels=1, num_classes=3).state_dict()}, run / "models" / "model.pt")
+    with pytest.raises(SystemExit) as e:
+        publish(run, bundle_dir=bundle)
+    assert str(e.value).startswith("error: not published: ") and "preset: 'tiny' in the weights vs 'base'" in str(e.value)
+    assert (bundle / "models" / "model.pt").read_bytes() == before
+    assert "published" in publish(run, bundle_dir=bundle, model_preset="tiny", class_names=["a", "b"])
+    assert torch.load(bundle / "models" / "model.pt", weights_only=True)["model"].keys() == create_msa2net("tiny", num_classes=3).state_dict().keys()
+    assert sorted(p.name for p in (bundle / "models").iterdir()) == ["model.pt"]
