@@ -38,8 +38,11 @@ def test_time_budget_fits_the_run_and_the_schedule_ends_with_it():
         lrs.append(opt.param_groups[0]["lr"])
 
     engine = Engine(step)
+    validated = []
+    validator = Engine(lambda e, b: None)
+    validator.run = validated.append  # MONAI's evaluators are run as ``run(global_epoch)``
     IterationLR(opt, "poly", warmup_iters=2).attach(engine)
-    TimeBudget(1.5).attach(engine)
+    TimeBudget(1.5, validator=validator).attach(engine)
     start = time.perf_counter()
     engine.run(range(5), max_epochs=10_000)
     took = time.perf_counter() - start
@@ -48,6 +51,10 @@ def test_time_budget_fits_the_run_and_the_schedule_ends_with_it():
     assert lrs[0] == pytest.approx(0.05) and max(lrs) == pytest.approx(0.1)
     assert lrs[-1] < 0.02  # decayed to (almost) zero by the last iteration: the schedule was not cut off
     assert opt.param_groups[0]["initial_lr"] == 0.1
+    assert validated == [engine.state.epoch]  # the last epoch is validated
+    unlimited = Engine(lambda e, b: None)
+    TimeBudget(None).attach(unlimited)
+    assert unlimited.run([1], max_epochs=3).epoch == 3
 
 
 def test_gradient_clipping_bounds_the_global_norm():

@@ -1,4 +1,4 @@
-"""``msa2net`` command line: demo, bundle and model export, data preparation, synthetic data."""
+"""``msa2net`` command line: demo, publishing a run's model, bundle and model export, data preparation, synthetic data."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from msa2net.bundle_tools import export_bundle
 from msa2net.data.prepare import main as prepare
 from msa2net.data.synthetic import make_rgb_dataset, make_volume_dataset
 from msa2net.demo import run_demo
+from msa2net.publish import publish
 
 
 def main() -> None:
     fire.Fire(
         {
             "demo": run_demo,
+            "publish": publish,
             "export-bundle": export_bundle,
             "export-torchscript": export.torchscript,
             "export-onnx": export.onnx,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from msa2net.bundle_tools import default_bundle_dir, run_workflow
 from msa2net.data.synthetic import make_volume_dataset
@@ -22,6 +23,8 @@ __all__ = ["run_demo"]
 PROFILE = "profiles/synthetic.json"
 #: The demo fails below this mean validation Dice: a model that does not learn is a bug.
 MIN_DICE = 0.80
+#: Training time limit of the demo, in seconds.
+TRAIN_SECONDS = 150.0
 
 
 def _step(i: int, n: int, text: str) -> float:
@@ -30,7 +33,7 @@ def _step(i: int, n: int, text: str) -> float:
 
 
 def plot_training_curve(log_csv: Path, out_png: Path) -> None:
-    """Training loss and validation Dice per epoch, from the bundle's ``training_log.csv``."""
+    """Training loss and validation Dice (mean and per class) per epoch, from the run's ``training_log.csv``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,58 +43,89 @@ def plot_training_curve(log_csv: Path, out_png: Path) -> None:
         rows = list(csv.DictReader(f))
     epochs = [int(r["epoch"]) for r in rows]
     loss = [float(r["loss"]) for r in rows]
-    val = [(int(r["epoch"]), float(r["val_metric"])) for r in rows if r["val_metric"]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, loss, label="training loss (0.5 CE + 0.5 Dice)")
+    lines = ax.plot(epochs, loss, color="tab:blue", label="training loss (0.5 CE + 0.5 Dice)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    if val:
+    validated = [r for r in rows if r["val_metric"]]
+    if validated:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val), "o-", color="tab:orange", label="validation mean Dice")
-        ax2.set_ylabel("mean Dice")
+        x = [int(r["epoch"]) for r in validated]
+        lines += ax2.plot(x, [float(r["val_metric"]) for r in validated], "o-", color="black", label="validation mean Dice")
+        # the overlays' colours: class c is tab10's colour c
+        for c, col in enumerate((c for c in rows[0] if c.startswith("val_") and c != "val_metric"), start=1):
+            values = [float(r[col]) if r[col] else float("nan") for r in validated]
+            lines += ax2.plot(x, values, ".--", color=matplotlib.colormaps["tab10"](c), label=f"validation Dice, {col[4:]}")
+        ax2.set_ylabel("Dice")
         ax2.set_ylim(0, 1)
-        ax2.legend(loc="center right")
-    ax.legend(loc="upper center")
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
     ax.set_title("MSA2-Net tiny on synthetic volumes (CPU)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
 
 
-def plot_overlay(image: Path, label: Path, pred: Path, out_png: Path) -> None:
-    """Image slice with the most foreground, reference contour beside the predicted label map."""
+def plot_overlay(image: Path, label: Path, pred: Path, out_png: Path, class_names: list[str]) -> dict[str, float]:
+    """Image slice with the most foreground: reference beside prediction, a legend of the classes and the case's Dice.
+
+    Returns:
+        The case's 3D Dice per class.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     img, ref, seg = (np.asarray(nib.load(p).dataobj) for p in (image, label, pred))
+    dice = {}
+    for c, name in enumerate(class_names, start=1):
+        total = (ref == c).sum() + (seg == c).sum()
+        dice[name] = float(2 * ((ref == c) & (seg == c)).sum() / total) if total else float("nan")
     z = int(np.argmax((ref > 0).sum(axis=(0, 1))))
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    cmap = matplotlib.colormaps["tab10"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
     for ax, lab, title in ((axes[0], ref, "reference"), (axes[1], seg, "MSA2-Net")):
         ax.imshow(img[..., z].T, cmap="gray", origin="lower")
-        ax.imshow(np.ma.masked_equal(lab[..., z].T, 0), cmap="tab10", vmin=0, vmax=9, alpha=0.5, origin="lower")
+        ax.imshow(np.ma.masked_equal(lab[..., z].T, 0), cmap=cmap, vmin=0, vmax=9, alpha=0.5, origin="lower")
         ax.set_title(f"{title}, slice {z}")
         ax.axis("off")
-    fig.tight_layout()
+    handles = [Patch(color=cmap(c), alpha=0.5, label=f"{n} (Dice {dice[n]:.3f})") for c, n in enumerate(class_names, start=1)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
+    fig.suptitle(f"{image.name.removesuffix('.nii.gz')}: mean Dice {np.nanmean(list(dice.values())):.3f} (3D, whole case)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(out_png, dpi=80)
     plt.close(fig)
+    return dice
 
 
-def run_demo(out_dir: str = "demo_output", num_cases: int = 12, max_epochs: int | None = None, seed: int = 0) -> str:
+def run_demo(
+    out_dir: str = "demo_output",
+    num_cases: int = 12,
+    max_epochs: int | None = None,
+    time_budget_s: float | None = TRAIN_SECONDS,
+    threads: int = 1,
+    seed: int = 0,
+) -> str:
     """Run the whole demo; returns (and prints) the output folder.
 
     Args:
         out_dir: output folder (replaced if it exists).
         num_cases: synthetic volumes (3 of them are held out for validation).
-        max_epochs: override the profile's schedule (60 epochs).
+        max_epochs: override the profile's schedule (30 epochs).
+        time_budget_s: training seconds: the number of epochs is set from the measured speed so that
+            the schedule ends with them (``None``: the profile's epochs), so that a busy machine still
+            finishes the demo in minutes.
+        threads: PyTorch CPU threads. One by default: on a busy 2-core machine two threads spent
+            most of their time waiting on each other (an epoch took 6x longer than with one).
         seed: seed of the data and of training.
     """
     start = time.perf_counter()
+    torch.set_num_threads(threads)
     bundle = default_bundle_dir()
     out = Path(out_dir).resolve()
     shutil.rmtree(out, ignore_errors=True)
-    data, models, preds, metrics, figures = (out / n for n in ("data", "models", "predictions", "metrics", "figures"))
+    data, run, preds, metrics, figures = (out / n for n in ("data", "run", "predictions", "metrics", "figures"))
     schedule = {"max_epochs": max_epochs} if max_epochs else {}
 
     t = _step(1, 5, f"generating {num_cases} synthetic volumes in {data}")
@@ -104,13 +138,13 @@ def run_demo(out_dir: str = "demo_output", num_cases: int = 12, max_epochs: int 
 
     t = _step(2, 5, "training MSA2-Net 'tiny' on the CPU (bundle workflow 'training'; one line per epoch)")
     run_workflow(
-        "training", ["train.json", PROFILE], bundle, dataset_dir=str(data), ckpt_dir=str(models),
-        output_dir=str(metrics), seed=seed, **schedule,
+        "training", ["train.json", PROFILE], bundle, dataset_dir=str(data), output_dir=str(run), seed=seed,
+        time_budget_s=time_budget_s, val_interval=5, **schedule,
     )
     times["training_s"] = time.perf_counter() - t
 
     t = _step(3, 5, f"segmenting the {len(datalist['validation'])} held-out volumes (bundle workflow 'inference')")
-    ckpt = str(models / "model.pt")
+    ckpt = str(run / "models" / "model.pt")
     run_workflow("inference", ["inference.json", PROFILE], bundle, dataset_dir=str(inputs), output_dir=str(preds), ckpt_path=ckpt)
     times["inference_s"] = time.perf_counter() - t
 
@@ -123,10 +157,11 @@ def run_demo(out_dir: str = "demo_output", num_cases: int = 12, max_epochs: int 
 
     t = _step(5, 5, "writing the training curve and overlay figures")
     figures.mkdir()
-    plot_training_curve(metrics / "training_log.csv", figures / "training_curve.png")
+    plot_training_curve(run / "training_log.csv", figures / "training_curve.png")
+    class_names = json.loads((bundle / "configs" / PROFILE).read_text())["class_names"]
     for case in datalist["validation"]:
         name = Path(case["image"]).name.removesuffix(".nii.gz")
-        plot_overlay(data / case["image"], data / case["label"], preds / f"{name}_seg.nii.gz", figures / f"overlay_{name}.png")
+        plot_overlay(data / case["image"], data / case["label"], preds / f"{name}_seg.nii.gz", figures / f"overlay_{name}.png", class_names)
     times["figures_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - start
 

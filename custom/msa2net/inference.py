@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
 import pickle
 import time
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
+from monai.data import Dataset
 
 from msa2net.handlers import atomic_write_text
+from msa2net.weights import describe_mismatch
 
-__all__ = ["list_inputs", "is_dicom_series_dir", "load_weights", "run_inference", "error_line"]
+__all__ = [
+    "LABEL_PATTERNS", "list_inputs", "is_dicom_series_dir", "load_weights", "load_weights_or_exit", "InputFolder", "CaseByCaseInference",
+    "run_inference", "error_line",
+]
 
 logger = logging.getLogger("msa2net.inference")
 
@@ -34,10 +41,24 @@ def is_dicom_series_dir(path: Path) -> bool:
     return False
 
 
-def list_inputs(dataset_dir: str | os.PathLike, patterns: Sequence[str] = ("*.nii.gz", "*.nii")) -> list[dict]:
+#: File names that look like label maps rather than images; left out of inference unless ``exclude_pattern`` says otherwise.
+LABEL_PATTERNS = ("*_label*", "*_labels*", "*_seg*", "*_gt*", "*mask*")
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(name.lower(), p.lower()) for p in patterns)
+
+
+def list_inputs(
+    dataset_dir: str | os.PathLike,
+    patterns: Sequence[str] = ("*.nii.gz", "*.nii"),
+    exclude: Sequence[str] = LABEL_PATTERNS,
+) -> list[dict]:
     """Inference datalist ``[{"image": path}, ...]`` for a file, a DICOM series folder, or a folder of either.
 
-    Files matching ``patterns`` and DICOM series sub-folders are listed in sorted order.
+    Files matching ``patterns`` and DICOM series sub-folders are listed in sorted order; those whose
+    name matches an ``exclude`` pattern (case-insensitive; by default names that look like label maps)
+    are left out and logged. A single file given as ``dataset_dir`` is always used.
     """
     root = Path(dataset_dir)
     if root.is_file() or is_dicom_series_dir(root):
@@ -46,10 +67,48 @@ def list_inputs(dataset_dir: str | os.PathLike, patterns: Sequence[str] = ("*.ni
         raise FileNotFoundError(f"{root}: input folder or file not found.")
     files = {p for pattern in patterns for p in root.glob(pattern) if p.is_file()}
     series = {p for p in root.iterdir() if is_dicom_series_dir(p)}
-    items = sorted(files | series)
+    found = sorted(files | series)
+    skipped = [p.name for p in found if _matches(p.name, exclude)]
+    if skipped:
+        logger.info(
+            "skipped %d input(s) matching exclude_pattern %s: %s (pass --exclude_pattern \"[]\" to segment them)",
+            len(skipped), list(exclude), ", ".join(skipped),
+        )
+    items = [p for p in found if not _matches(p.name, exclude)]
     if not items:
-        raise FileNotFoundError(f"{root}: no input images matching {list(patterns)} and no DICOM series folder.")
+        raise FileNotFoundError(
+            f"{root}: no input images matching {list(patterns)} and no DICOM series folder"
+            + (f" ({len(skipped)} skipped by exclude_pattern)." if skipped else ".")
+        )
     return [{"image": str(p)} for p in items]
+
+
+class InputFolder(Dataset):
+    """The images of a folder (or one file or DICOM series) as a MONAI dataset, listed on first use.
+
+    Listing waits until :meth:`CaseByCaseInference.run` asks, so that a missing folder is reported in
+    one line instead of failing while the bundle config is parsed.
+
+    Args:
+        dataset_dir: a folder, an image file or a DICOM series folder.
+        transform: the preprocessing applied to each ``{"image": path}``.
+        image_pattern: glob patterns of the files to segment.
+        exclude_pattern: glob patterns of file names to leave out (default: names that look like label maps).
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | os.PathLike,
+        transform: Callable,
+        image_pattern: Sequence[str] = ("*.nii.gz", "*.nii"),
+        exclude_pattern: Sequence[str] = LABEL_PATTERNS,
+    ) -> None:
+        self.dataset_dir, self.transform = dataset_dir, transform
+        self.image_pattern, self.exclude_pattern = list(image_pattern), list(exclude_pattern or [])
+
+    @cached_property
+    def data(self) -> list[dict]:
+        return list_inputs(self.dataset_dir, self.image_pattern, self.exclude_pattern)
 
 
 def error_line(exc: BaseException) -> str:
@@ -78,10 +137,93 @@ def load_weights(network: torch.nn.Module, ckpt_path: str | os.PathLike, device=
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}).") from None
     state = state.get("model", state) if isinstance(state, dict) else state
+    mismatch = describe_mismatch(network, state)
+    if mismatch:
+        raise ValueError(f"{path}: weights do not fit this network: {mismatch}.")
+    network.load_state_dict(state)
+
+
+class CaseByCaseInference:
+    """The inference workflow's engine: segment every case of a dataset on its own, so one bad case never stops the batch.
+
+    Each failure is logged as one line ``<file>: <problem>``; outputs are written atomically by
+    the postprocessing's writer, so a failed case leaves no file. ``<output_dir>/inference_summary.json``
+    lists done and failed cases. :meth:`run` exits with status 1 when any case failed and 2 when
+    nothing could start (no inputs, unreadable or unfitting checkpoint).
+
+    Args:
+        dataset: an :class:`InputFolder` (its transform is the preprocessing).
+        network: the network, weights loaded from ``ckpt_path`` when :meth:`run` starts.
+        inferer: called as ``inferer(image_batch, network)``.
+        postprocessing: applied to ``{"image", "pred", ...}``; writes the label map.
+        ckpt_path: ``{"model": state_dict}`` file, read with ``weights_only=True``.
+        output_dir: where the summary goes (the postprocessing's writer holds its own output folder).
+        device: where the network runs.
+        amp: autocast the forward pass.
+    """
+
+    def __init__(
+        self,
+        dataset: InputFolder,
+        network: torch.nn.Module,
+        inferer: Callable,
+        postprocessing: Callable,
+        ckpt_path: str,
+        output_dir: str,
+        device: torch.device | str = "cpu",
+        amp: bool = False,
+    ) -> None:
+        self.dataset, self.network, self.inferer, self.postprocessing = dataset, network, inferer, postprocessing
+        self.ckpt_path, self.output_dir, self.device, self.amp = ckpt_path, output_dir, device, amp
+
+    def run(self) -> dict:
+        """Segment every case; returns ``{"done": [...], "failed": [...]}``."""
+        try:
+            datalist = self.dataset.data
+        except (OSError, ValueError) as e:
+            logger.error("error: %s", error_line(e))
+            raise SystemExit(2) from None
+        load_weights_or_exit(self.network, self.ckpt_path, self.device)
+        self.network.eval()
+        done, failed = [], []
+        for i, item in enumerate(datalist, start=1):
+            src = item["image"]
+            start = time.perf_counter()
+            try:
+                data = self.dataset[i - 1]
+                with torch.no_grad(), torch.autocast(device_type=torch.device(self.device).type, enabled=self.amp):
+                    data["pred"] = self.inferer(data["image"][None].to(self.device), self.network)[0].float()
+                self.postprocessing(data)
+            except Exception as e:  # one bad case must not stop the batch
+                reason = error_line(e).removeprefix(f"{src}: ")
+                failed.append({"image": src, "error": reason})
+                logger.error("[%d/%d] failed: %s: %s", i, len(datalist), src, reason)
+                continue
+            done.append({"image": src, "seconds": round(time.perf_counter() - start, 3)})
+            logger.info("[%d/%d] segmented %s in %.2f s", i, len(datalist), src, done[-1]["seconds"])
+        summary = {"done": done, "failed": failed}
+        Path(self.output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(self.output_dir) / "inference_summary.json", json.dumps(summary, indent=2) + "\n")
+        logger.info(
+            "%d of %d cases segmented, %d failed; outputs and summary in %s",
+            len(done), len(datalist), len(failed), Path(self.output_dir).resolve(),
+        )
+        if failed:
+            logger.error("failed cases: %s", ", ".join(f["image"] for f in failed))
+            raise SystemExit(1)
+        return summary
+
+
+def load_weights_or_exit(network: torch.nn.Module, ckpt_path: str | os.PathLike, device=None) -> None:
+    """:func:`load_weights`, ending the program with status 2 and one line ``error: <file>: <problem>`` if it fails."""
     try:
-        network.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit this network; is model_preset right? ({str(e).splitlines()[0]})") from None
+        load_weights(network, ckpt_path, device)
+    except OSError as e:
+        logger.error("error: %s", error_line(e))
+        raise SystemExit(2) from None
+    except ValueError as e:
+        logger.error("error: %s Choose the weights with --ckpt_path.", error_line(e))
+        raise SystemExit(2) from None
 
 
 def run_inference(
@@ -95,42 +237,8 @@ def run_inference(
     output_dir: str,
     device: torch.device | str = "cpu",
     amp: bool = False,
+    exclude_pattern: Sequence[str] = LABEL_PATTERNS,
 ) -> dict:
-    """Segment every input of ``dataset_dir``, one case at a time, so one bad case never stops the batch.
-
-    Each failure is logged as one line ``<file>: <problem>``; outputs are written atomically by
-    the postprocessing's writer, so a failed case leaves no file. ``<output_dir>/inference_summary.json``
-    lists done and failed cases. Exits with status 1 when any case failed and 2 when nothing
-    could start (no inputs, unreadable checkpoint).
-    """
-    try:
-        datalist = list_inputs(dataset_dir, image_pattern)
-        load_weights(network, ckpt_path, device)
-    except (OSError, ValueError) as e:
-        logger.error("error: %s", error_line(e))
-        raise SystemExit(2) from None
-    network.eval()
-    done, failed = [], []
-    for i, item in enumerate(datalist, start=1):
-        src = item["image"]
-        start = time.perf_counter()
-        try:
-            data = preprocessing(item)
-            with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, enabled=amp):
-                data["pred"] = inferer(data["image"][None].to(device), network)[0].float()
-            postprocessing(data)
-        except Exception as e:  # one bad case must not stop the batch
-            reason = error_line(e).removeprefix(f"{src}: ")
-            failed.append({"image": src, "error": reason})
-            logger.error("[%d/%d] failed: %s: %s", i, len(datalist), src, reason)
-            continue
-        done.append({"image": src, "seconds": round(time.perf_counter() - start, 3)})
-        logger.info("[%d/%d] segmented %s in %.2f s", i, len(datalist), src, done[-1]["seconds"])
-    summary = {"done": done, "failed": failed}
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(output_dir) / "inference_summary.json", json.dumps(summary, indent=2) + "\n")
-    logger.info("%d of %d cases segmented, %d failed; summary in %s", len(done), len(datalist), len(failed), output_dir)
-    if failed:
-        logger.error("failed cases: %s", ", ".join(f["image"] for f in failed))
-        raise SystemExit(1)
-    return summary
+    """Segment every input of ``dataset_dir`` case by case: :class:`CaseByCaseInference` on an :class:`InputFolder`."""
+    dataset = InputFolder(dataset_dir, preprocessing, image_pattern, exclude_pattern)
+    return CaseByCaseInference(dataset, network, inferer, postprocessing, ckpt_path, output_dir, device, amp).run()

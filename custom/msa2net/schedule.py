@@ -77,19 +77,22 @@ class TimeBudget:
     Time counts from the trainer's start (data already cached). The first ``warmup_epochs`` epochs
     (CUDA graph capture, cuDNN autotuning, compilation) are left out of the speed estimate; after each
     later epoch the seconds per epoch since warm-up, validations included, give the epochs that still
-    fit. ``max_epochs`` never drops below the epochs done plus one, and a run past its budget stops.
+    fit. ``max_epochs`` never drops below the epochs done plus one, and a run past its budget stops
+    after the epoch in progress. The last epoch is validated (when ``validator`` is given and did not
+    run on it), so the best model and the resume state reflect all the training done.
 
     Args:
         budget_s: seconds for the whole training (``None``: the configured ``max_epochs`` stands).
         warmup_epochs: epochs left out of the estimate.
+        validator: the evaluator to run on the last epoch, as MONAI's ``ValidationHandler`` runs it.
     """
 
-    def __init__(self, budget_s: float | None, warmup_epochs: int = 1) -> None:
+    def __init__(self, budget_s: float | None, warmup_epochs: int = 1, validator: Engine | None = None) -> None:
         if budget_s is not None and budget_s <= 0:
             raise ValueError(f"budget_s must be positive or None, got {budget_s}.")
         if warmup_epochs < 1:
             raise ValueError(f"warmup_epochs must be >= 1, got {warmup_epochs}.")
-        self.budget_s, self.warmup_epochs = budget_s, int(warmup_epochs)
+        self.budget_s, self.warmup_epochs, self.validator = budget_s, int(warmup_epochs), validator
         self._t0 = self._warm = None
         self._done_here = 0
 
@@ -98,6 +101,11 @@ class TimeBudget:
             return
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._validate_last)
+
+    def _validate_last(self, engine: Engine) -> None:
+        if self.validator is not None and self.validator.state.epoch != engine.state.epoch:
+            self.validator.run(engine.state.epoch)
 
     def _start(self, engine: Engine) -> None:
         self._t0, self._warm, self._done_here = time.perf_counter(), None, 0
