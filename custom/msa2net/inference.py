@@ -81,7 +81,25 @@ def load_weights(network: torch.nn.Module, ckpt_path: str | os.PathLike, device=
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit this network; is model_preset right? ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: weights do not fit this network: {_mismatch(network.state_dict(), state) or str(e).splitlines()[0]}") from None
+
+
+def _mismatch(own: dict, loaded: dict) -> str:
+    """What differs between a network's state dict and a checkpoint's, naming the class count where that is it."""
+    head = next((k for k in reversed(own) if k.endswith("weight") and own[k].ndim >= 2), None)
+    if head in loaded and loaded[head].shape[0] != own[head].shape[0]:
+        return (
+            f"the checkpoint predicts {loaded[head].shape[0]} classes, the config {own[head].shape[0]} "
+            f"({own[head].shape[0] - 1} class_names + background); use the profile or class_names it was trained with"
+        )
+    shapes = [k for k in own if k in loaded and loaded[k].shape != own[k].shape]
+    if shapes:
+        k = shapes[0]
+        return f"{len(shapes)} tensor(s) differ in shape, first {k}: {tuple(loaded[k].shape)} in the checkpoint, {tuple(own[k].shape)} here (another model_preset?)"
+    missing, extra = [k for k in own if k not in loaded], [k for k in loaded if k not in own]
+    if missing or extra:
+        return f"{len(missing)} tensor(s) missing from the checkpoint, {len(extra)} unexpected (another model_preset or network?)"
+    return ""
 
 
 def run_inference(
