@@ -98,8 +98,10 @@ class GuardedSeriesSelectorOperator(DICOMSeriesSelectorOperator):
                 + ("" if self.allow_mismatch else ". --allow-input-mismatch selects a CT or MR series of another modality (research use only).")
             )
         series = selected[0].selected_series[0].series
+        # from the instance: the SDK 4.0 loader reads Body Part Examined from tag (0008,0015), not (0018,0015)
+        first = series.get_sop_instances()[0].get_native_sop_instance()
         facts = facts_from_meta(
-            {"Modality": getattr(series, "Modality", None), "BodyPartExamined": getattr(series, "BodyPartExamined", None)},
+            {"Modality": first.get("Modality"), "BodyPartExamined": first.get("BodyPartExamined")},
             source=f"the series {series.SeriesInstanceUID}",
         )
         problem = input_mismatch(self.declared, facts)
