@@ -113,9 +113,12 @@ def _bundle_package_importable(model_path: str) -> None:
 
 
 def _one_line(err: BaseException) -> str:
+    """The first line of the error; MONAI's "applying transform ..." wrappers give way to the error they wrap."""
+    while err.__cause__ is not None and str(err).startswith("applying transform"):
+        err = err.__cause__
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     text = lines[0] if lines else type(err).__name__
-    known = ("InputError", "SeriesGeometryError", "FileNotFoundError", "ValueError")
+    known = ("InputError", "SeriesGeometryError", "FileNotFoundError", "NotADirectoryError", "ValueError")
     return text if type(err).__name__ in known else f"{type(err).__name__}: {text}"
 
 
