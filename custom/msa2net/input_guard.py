@@ -86,6 +86,7 @@ class InputDeclaration:
         return cls(_codes((image or {}).get("modality")), _codes((image or {}).get("body_part_examined")))
 
     def describe(self) -> str:
+        """``"MR, body part HEART/CHEST/THORAX"``, for logs."""
         parts = ["/".join(self.modalities) or "any modality"]
         if self.body_parts:
             parts.append("body part " + "/".join(self.body_parts))
@@ -105,7 +106,7 @@ def input_mismatch(declared: InputDeclaration, facts: InputFacts) -> str | None:
     """The one rule: how ``facts`` contradict ``declared``, or ``None`` when nothing does.
 
     Returns:
-        A phrase naming what differs, e.g. ``"the series is CT, the model is for MR"``; unstated facts
+        A phrase naming what differs, e.g. ``"the series is modality CT, the model is for MR"``; unstated facts
         and undeclared fields never mismatch.
     """
     problems = []
