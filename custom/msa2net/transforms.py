@@ -11,11 +11,9 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from msa2net.errors import InputError
+
 __all__ = ["InputError", "ValidateImaged"]
-
-
-class InputError(ValueError):
-    """An input the pipeline cannot segment correctly; the message names the file."""
 
 
 def _source(img) -> str:

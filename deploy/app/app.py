@@ -2,18 +2,13 @@
 
 Pipeline::
 
-    DICOM folder -> DICOMFolderLoaderOperator -> RuleSeriesSelectorOperator (CT, else MR)
-      -> CheckedSeriesToVolumeOperator -> MonaiBundleInferenceOperator (the bundle's own
-         preprocessing, SliceInferer and postprocessing, models/model.ts)
-      -> LabeledSegWriterOperator (DICOM SEG, one segment per label) and NiftiSegWriterOperator
+    DICOM folder -> DICOMFolderLoaderOperator (loading.py) -> GuardedSeriesSelectorOperator (selection.py:
+      the declared modality; refuses a mismatch and derived identifiers) -> CheckedSeriesToVolumeOperator
+      (geometry.py) -> ConfiguredBundleInferenceOperator (bundle.py: the SDK's MonaiBundleInferenceOperator,
+      the bundle's own preprocessing, SliceInferer and postprocessing, models/model.ts)
+      -> LabeledSegWriterOperator (DICOM SEG) and NiftiSegWriterOperator (writers.py)
 
-Run (``-m``: a bundle folder from ``python -m msa2net.export deploy_bundle``, or a folder holding one)::
-
-    .venv-deploy/bin/python deploy/app -i <dicom folder> -o <output folder> -m <bundle folder>
-
-``$MSA2NET_SELECTION_RULES`` may name a JSON file of DICOMSeriesSelectorOperator rules replacing the
-default (largest CT image series, else largest MR image series). Exit status 0 on success; on bad
-input the error names the problem and nothing is written.
+The command line, the log file and the all-or-nothing output are in ``command.py`` (``python deploy/app``).
 """
 
 from __future__ import annotations
@@ -21,35 +16,36 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.uid import generate_uid
-from seg_operators import (
-    CheckedSeriesToVolumeOperator,
-    DICOMFolderLoaderOperator,
-    LabeledSegWriterOperator,
-    NiftiSegWriterOperator,
-    RuleSeriesSelectorOperator,
-    find_bundle,
-    read_bundle,
-    segment_descriptions,
-    selection_rules,
-)
+from bundle import ConfiguredBundleInferenceOperator, find_bundle, read_bundle
+from geometry import CheckedSeriesToVolumeOperator
+from loading import DerivedIdentifiers, DICOMFolderLoaderOperator
+from selection import GuardedSeriesSelectorOperator
+from writers import DEFAULT_SERIES_NUMBER, LabeledSegWriterOperator, NiftiSegWriterOperator
 
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Image, IOType
-from monai.deploy.operators.dicom_seg_writer_operator import ModelInfo
-from monai.deploy.operators.monai_bundle_inference_operator import (
-    BundleConfigNames,
-    IOMapping,
-    MonaiBundleInferenceOperator,
-)
+from monai.deploy.operators.monai_bundle_inference_operator import BundleConfigNames, IOMapping
+from msa2net.input_guard import InputDeclaration
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Options:
+    """This application's own options (``command.py``), beyond the SDK's ``-i -o -m -l -w``."""
+
+    allow_input_mismatch: bool = False
+    derive_missing_uids: bool = False
+    series_number: int = DEFAULT_SERIES_NUMBER
+
+
 class MSA2NetSegApp(Application):
     """DICOM CT/MR series -> MSA2-Net (slice by slice) -> DICOM SEG + NIfTI label map."""
+
+    options = Options()
 
     def run(self, *args, **kwargs):
         start = time.perf_counter()
@@ -60,12 +56,18 @@ class MSA2NetSegApp(Application):
         app_context: AppContext = Application.init_app_context(self.argv)
         input_path, output_path = Path(app_context.input_path), Path(app_context.output_path)
         bundle = read_bundle(find_bundle(app_context.model_path))
-        logger.info("bundle %s (%s %s), configs %s, labels %s", bundle.path, bundle.name, bundle.version,
-                    bundle.config_names, [label.name for label in bundle.labels])
+        declared = InputDeclaration.from_meta(bundle.meta)
+        logger.info("bundle %s (%s %s), configs %s, labels %s, for %s", bundle.path, bundle.name, bundle.version,
+                    bundle.config_names, [label.name for label in bundle.labels], declared.describe())
+        derived = DerivedIdentifiers()
 
-        loader = DICOMFolderLoaderOperator(self, CountCondition(self, 1), input_folder=input_path, name="dicom_loader")
-        selector = RuleSeriesSelectorOperator(
-            self, rules=selection_rules(), all_matched=True, sort_by_sop_instance_count=True, name="series_selector"
+        loader = DICOMFolderLoaderOperator(
+            self, CountCondition(self, 1), input_folder=input_path, derived=derived, name="dicom_loader"
+        )
+        selector = GuardedSeriesSelectorOperator(
+            self, declared=declared, allow_mismatch=self.options.allow_input_mismatch, derived=derived,
+            derive_missing_uids=self.options.derive_missing_uids, all_matched=True, sort_by_sop_instance_count=True,
+            name="series_selector",
         )
         to_volume = CheckedSeriesToVolumeOperator(self, name="series_to_volume")
         # The SDK resolves -m through its model factory, which sees a bundle folder as a generic model and
@@ -73,27 +75,19 @@ class MSA2NetSegApp(Application):
         # the bundle folder it is given: configs/inference.json (+ deploy.json) and models/model.ts.
         bundle_context = copy.copy(app_context)
         bundle_context.models = None
-        inference = MonaiBundleInferenceOperator(
+        inference = ConfiguredBundleInferenceOperator(
             self,
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
             output_mapping=[IOMapping("pred", Image, IOType.IN_MEMORY)],
             app_context=bundle_context,
             bundle_path=bundle.path,
             bundle_config_names=BundleConfigNames(config_names=bundle.config_names),
+            config_overrides={"bundle_root": str(bundle.path), "allow_input_mismatch": self.options.allow_input_mismatch},
             name="bundle_inference",
         )
         seg_writer = LabeledSegWriterOperator(
-            self,
-            segment_descriptions=segment_descriptions(bundle),
-            colors=[label.rgb for label in bundle.labels],
-            custom_tags={"SeriesDescription": f"{bundle.name} segmentation (research use only)"[:64]},
-            output_folder=output_path,
-            model_info=ModelInfo(
-                "MSA2-Net bundle developers", bundle.name[:64], bundle.version or "0",
-                str(generate_uid(entropy_srcs=[bundle.name, bundle.version])),
-            ),
-            omit_empty_frames=True,
-            name="dicom_seg_writer",
+            self, bundle=bundle, series_number=self.options.series_number, derived=derived,
+            output_folder=output_path, omit_empty_frames=True, name="dicom_seg_writer",
         )
         nifti_writer = NiftiSegWriterOperator(self, output_folder=output_path, name="nifti_writer")
 
@@ -104,11 +98,3 @@ class MSA2NetSegApp(Application):
         self.add_flow(inference, seg_writer, {("pred", "seg_image")})
         self.add_flow(inference, nifti_writer, {("pred", "seg_image")})
         self.add_flow(to_volume, nifti_writer, {("image", "image")})
-
-
-def main() -> None:
-    MSA2NetSegApp().run()
-
-
-if __name__ == "__main__":
-    main()

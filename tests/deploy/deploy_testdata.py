@@ -183,10 +183,14 @@ class Run:
         return out, seconds
 
 
-def start_app(input_dir: Path, output_dir: Path, bundle: Path, env: dict | None = None) -> Run:
-    """The documented command: ``python deploy/app -i <input> -o <output> -m <bundle>``."""
-    cmd = [sys.executable, str(APP), "-i", str(input_dir), "-o", str(output_dir), "-m", str(bundle)]
-    return Run(cmd, output_dir.parent / f"{output_dir.name}.log", cwd=output_dir.parent, env=env)
+def start_app(input_dir: Path, output_dir: Path, bundle: Path, *args: str, env: dict | None = None) -> Run:
+    """The documented command: ``python deploy/app -i <input> -o <output> -m <bundle> [args]``.
+
+    The terminal output goes to ``<output>.terminal``; the app's own log to ``<output>.log`` (``--log-file``).
+    """
+    log = output_dir.parent / f"{output_dir.name}.log"
+    cmd = [sys.executable, str(APP), "-i", str(input_dir), "-o", str(output_dir), "-m", str(bundle), "--log-file", str(log), *args]
+    return Run(cmd, output_dir.parent / f"{output_dir.name}.terminal", cwd=output_dir.parent, env=env)
 
 
 def start_reference(nifti_dir: Path, output_dir: Path, bundle: Path) -> Run:

@@ -18,7 +18,9 @@ grid through its own per-frame positions and must equal the reference label map 
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,12 +60,19 @@ def threshold_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("threshold_bundle")
     ckpt = root / "threshold.pt"
     torch.save({"model": PositionThresholdNet(1, len(CLASS_NAMES) + 1).state_dict()}, ckpt)
-    return Path(
+    bundle = Path(
         deploy_bundle(
             str(root / "bundle"), str(ckpt), extra_files=[str(Path(__file__).with_name("threshold_net.py"))],
             network_def=THRESHOLD_NET, class_names=CLASS_NAMES,
         )
     )
+    # a test network for CT and MR phantoms alike: its bundle declares no modality or body part
+    meta_file = bundle / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    for key in ("modality", "body_part_examined"):
+        meta["network_data_format"]["inputs"]["image"].pop(key)
+    meta_file.write_text(json.dumps(meta, indent=4))
+    return bundle
 
 
 @pytest.fixture(scope="session")
@@ -102,14 +111,16 @@ def _only(folder: Path, pattern: str) -> Path:
     return found[0]
 
 
-def _run_and_compare(series: Path, bundle: Path, tmp_path: Path, class_names: list[str], max_mismatch: float = 0.0) -> np.ndarray:
-    """Run the app and the reference on ``series``; check the SEG and the NIfTI copy against the reference.
+def _run_and_compare(
+    series: Path, bundle: Path, tmp_path: Path, class_names: list[str], max_mismatch: float = 0.0, args: tuple = ()
+) -> np.ndarray:
+    """Run the app (with ``args``) and the reference on ``series``; check the SEG and the NIfTI copy against the reference.
 
     Returns the reference label map. ``max_mismatch`` is the fraction of voxels allowed to differ.
     """
     nifti_dir = tmp_path / "nifti"
     dicom_to_nifti(series, nifti_dir / "series.nii.gz")
-    app = start_app(series, tmp_path / "app_out", bundle)
+    app = start_app(series, tmp_path / "app_out", bundle, *args)
     ref = start_reference(nifti_dir, tmp_path / "ref_out", bundle)
     _, app_seconds = app.check()
     ref.check()
@@ -146,7 +157,9 @@ def _run_and_compare(series: Path, bundle: Path, tmp_path: Path, class_names: li
 @pytest.mark.parametrize("case", ["real_ct", "synthetic_ct", "synthetic_mr"])
 def test_seg_matches_bundle_inference_in_physical_space(case, threshold_bundle, tmp_path):
     series = _series_case(case, tmp_path)
-    ref_labels = _run_and_compare(series, threshold_bundle, tmp_path, CLASS_NAMES)
+    # the real series is de-identified without Study/Series Instance UIDs: processed only when asked to derive them
+    args = ("--derive-missing-uids",) if case == "real_ct" else ()
+    ref_labels = _run_and_compare(series, threshold_bundle, tmp_path, CLASS_NAMES, args=args)
     for value in range(len(CLASS_NAMES) + 1):
         assert (ref_labels == value).sum() > 50, f"label {value} (nearly) absent from the reference: a weak test"
     for axis in range(3):
@@ -164,12 +177,18 @@ def test_msa2net_torchscript_in_the_app(msa2net_bundle, tmp_path):
     assert len(np.unique(ref_labels)) > 1, "the network's labels are constant: the comparison would be empty"
 
 
-def _expect_failure(tmp_path: Path, series: Path, bundle: Path, message: str) -> None:
+def _expect_failure(tmp_path: Path, series: Path, bundle: Path, message: str, *args: str) -> str:
+    """The app refuses: exit status 1, one line on the terminal naming the problem and the log, no output folder."""
     out = tmp_path / "app_out"
-    code, log, _ = start_app(series, out, bundle).wait()
-    assert code != 0, f"the app accepted bad input:\n{log[-3000:]}"
-    assert message in log, f"expected {message!r} in the app's output:\n{log[-3000:]}"
-    assert not out.exists() or not any(out.iterdir()), f"the app wrote {sorted(p.name for p in out.iterdir())} for bad input"
+    code, terminal, _ = start_app(series, out, bundle, *args).wait()
+    assert code == 1, f"the app accepted bad input:\n{terminal[-3000:]}"
+    lines = terminal.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], f"expected one line with {message!r}, got:\n{terminal[-3000:]}"
+    log = tmp_path / "app_out.log"
+    assert f"(details: {log})" in lines[0] and "Traceback" in log.read_text(), "the details belong in the log file"
+    assert not out.exists(), "a failed run must leave no output folder"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".app_out")] == [], "staging folder left behind"
+    return lines[0]
 
 
 def test_folder_without_dicom_is_an_error(threshold_bundle, tmp_path):
@@ -214,3 +233,87 @@ def test_app_is_where_the_docs_say(threshold_bundle):
     assert (APP / "__main__.py").is_file() and (APP / "app.yaml").is_file() and (APP / "requirements.txt").is_file()
     for command in ("deploy/app -i", "monai-deploy package deploy/app", "python -m msa2net.export deploy_bundle"):
         assert command in doc, f"bundle/docs/deploy.md lacks {command!r}"
+
+
+def _set_on_every_file(folder: Path, **attributes) -> None:
+    """Re-tag every DICOM file under ``folder`` (an empty string blanks an attribute)."""
+    for path in sorted(folder.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for key, value in attributes.items():
+            setattr(ds, key, value)
+        ds.save_as(path)
+
+
+def test_ct_series_into_the_mr_model_is_refused_and_the_override_runs_it(msa2net_bundle, tmp_path):
+    """The MSA2-Net bundle declares cardiac MR (metadata.json): a CT series is refused, unless overridden."""
+    write_series(tmp_path / "input", "CT")
+    line = _expect_failure(tmp_path, tmp_path / "input", msa2net_bundle, "the model is for MR")
+    assert "the input holds: CT series" in line and "--allow-input-mismatch" in line
+    start_app(tmp_path / "input", tmp_path / "app_out", msa2net_bundle, "--allow-input-mismatch").check()
+    seg = pydicom.dcmread(_only(tmp_path / "app_out", "*.dcm"))
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert "is modality CT, the model is for MR; run anyway" in (tmp_path / "app_out.log").read_text()
+
+
+def test_mr_series_of_another_body_part_is_refused(msa2net_bundle, tmp_path):
+    write_series(tmp_path / "input", "MR", shape=(6, 40, 40))
+    _set_on_every_file(tmp_path / "input", BodyPartExamined="ABDOMEN")
+    _expect_failure(tmp_path, tmp_path / "input", msa2net_bundle, "is body part ABDOMEN, the model is for HEART/CHEST/THORAX")
+
+
+def test_series_without_study_and_series_uids_is_refused_or_derived_on_request(threshold_bundle, tmp_path):
+    write_series(tmp_path / "input", "CT", shape=(6, 40, 40))
+    _set_on_every_file(tmp_path / "input", StudyInstanceUID="", SeriesInstanceUID="")
+    _expect_failure(tmp_path, tmp_path / "input", threshold_bundle, "blank SeriesInstanceUID and StudyInstanceUID")
+    start_app(tmp_path / "input", tmp_path / "app_out", threshold_bundle, "--derive-missing-uids").check()
+    seg = pydicom.dcmread(_only(tmp_path / "app_out", "*.dcm"))
+    statement = "Source identifiers were blank and derived by the MSA2-Net application"
+    assert seg.ImageComments.startswith(statement) and "SeriesInstanceUID of 6 instance(s)" in seg.ImageComments
+    assert statement in (tmp_path / "app_out.log").read_text()
+
+
+def test_seg_attributes_a_pacs_reads_and_dciodvfy(threshold_bundle, tmp_path):
+    write_series(tmp_path / "input", "CT", shape=(6, 48, 48))
+    meta = json.loads((threshold_bundle / "configs" / "metadata.json").read_text())
+    terminal, _ = start_app(tmp_path / "input", tmp_path / "app_out", threshold_bundle, "--series-number", "77").check()
+    assert len(terminal.strip().splitlines()) == 1 and terminal.startswith("msa2net deploy: wrote ")
+    path = _only(tmp_path / "app_out", "*.dcm")
+    seg = pydicom.dcmread(path)
+    assert seg.SeriesDescription == meta["name"] and int(seg.SeriesNumber) == 77
+    assert (seg.Manufacturer, seg.ManufacturerModelName, seg.SoftwareVersions) == (meta["authors"], meta["name"], meta["version"])
+    assert str(seg.ContentCreatorName) == "MSA2-Net^" + meta["name"].partition(" ")[2]
+    ours = [item for item in seg.ContributingEquipmentSequence if item.Manufacturer == meta["authors"]]
+    assert len(ours) == 1 and ours[0].SoftwareVersions == meta["version"] and "DeviceUID" not in ours[0]
+    assert "ImageComments" not in seg  # nothing was derived
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) not installed")
+    report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
+    problems = [line for line in report.splitlines() if line.startswith(("Error", "Warning"))]
+    # the test series has no Patient ID/Study ID values a DICOMDIR would need; the SEG copies the source's
+    from_source = ("needed to build DICOMDIR - Patient ID", "needed to build DICOMDIR - Study ID")
+    assert [line for line in problems if not line.endswith(from_source)] == [], report
+
+
+def test_default_series_number_is_stable(threshold_bundle, tmp_path):
+    write_series(tmp_path / "input", "CT", shape=(4, 32, 32))
+    numbers = []
+    for run in ("a", "b"):
+        start_app(tmp_path / "input", tmp_path / run, threshold_bundle).check()
+        numbers.append(int(pydicom.dcmread(_only(tmp_path / run, "*.dcm")).SeriesNumber))
+    assert numbers == [9001, 9001]
+
+
+def test_all_background_result_writes_every_frame_empty(threshold_bundle, tmp_path):
+    """Nothing found: highdicom cannot omit every frame, so the SEG holds all of them, empty (as the guide says)."""
+    write_series(tmp_path / "input", "CT", shape=(4, 32, 32))
+    for path in sorted((tmp_path / "input").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.zeros((ds.Rows, ds.Columns), dtype=ds.pixel_array.dtype).tobytes()
+        ds.save_as(path)
+    start_app(tmp_path / "input", tmp_path / "app_out", threshold_bundle).check()
+    seg = pydicom.dcmread(_only(tmp_path / "app_out", "*.dcm"))
+    assert int(seg.NumberOfFrames) == 4 * len(CLASS_NAMES) and not seg.pixel_array.any()
+
+
+def test_missing_input_folder_is_one_line(threshold_bundle, tmp_path):
+    _expect_failure(tmp_path, tmp_path / "absent", threshold_bundle, "input path not found")

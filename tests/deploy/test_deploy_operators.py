@@ -1,4 +1,4 @@
-"""Unit tests of the Deploy application's checks and helpers (``deploy/app/seg_operators.py``), in process.
+"""Unit tests of the Deploy application's checks and helpers (``deploy/app/*.py``), in process.
 
 Run with the deploy environment: ``.venv-deploy/bin/python -m pytest tests/deploy``; skipped elsewhere.
 """
@@ -21,7 +21,13 @@ import pydicom  # noqa: E402
 from deploy_testdata import APP, ROOT, dicom_to_nifti, write_non_image, write_series  # noqa: E402
 
 sys.path.insert(0, str(APP))
-import seg_operators as ops  # noqa: E402
+import bundle as bundle_info  # noqa: E402
+import geometry as volume  # noqa: E402
+import loading  # noqa: E402
+import selection  # noqa: E402
+
+from msa2net.input_guard import InputDeclaration  # noqa: E402
+from msa2net.terminology import PALETTE  # noqa: E402
 
 REAL_CT = ROOT.parent / "shared" / "data" / "ct" / "dicom_series_20"
 
@@ -44,7 +50,7 @@ def test_check_series_sorts_and_matches_itk_geometry(tmp_path):
         orientation=(0, 1, 0, 0, 0, -1), origin=(30.0, -40.0, 43.0), descending_files=True,
     )
     datasets = _read(folder)
-    geometry = ops.check_series(datasets)
+    geometry = volume.check_series(datasets)
     along = [float(np.dot(datasets[i].ImagePositionPatient, geometry.normal)) for i in geometry.order]
     assert along == sorted(along)
     assert geometry.slice_spacing == pytest.approx(6.0)
@@ -97,20 +103,20 @@ def _single_slice(ds):
 def test_check_series_rejects(ct_series, change, message):
     datasets = _read(ct_series)
     change(datasets)
-    with pytest.raises(ops.SeriesGeometryError, match=message):
-        ops.check_series(datasets)
+    with pytest.raises(volume.SeriesGeometryError, match=message):
+        volume.check_series(datasets)
 
 
 def test_check_series_rejects_missing_slice_and_tilt(ct_series):
     datasets = _read(ct_series)
     gap = [ds for ds in datasets if int(ds.InstanceNumber) != 3]
-    with pytest.raises(ops.SeriesGeometryError, match="slice spacing is not uniform"):
-        ops.check_series(gap)
+    with pytest.raises(volume.SeriesGeometryError, match="slice spacing is not uniform"):
+        volume.check_series(gap)
     for k, ds in enumerate(sorted(datasets, key=lambda d: int(d.InstanceNumber))):
         ipp = [float(v) for v in ds.ImagePositionPatient]
         ds.ImagePositionPatient = [ipp[0], ipp[1] + 0.5 * k, ipp[2]]  # gantry tilt: y shifts with z
-    with pytest.raises(ops.SeriesGeometryError, match="drift"):
-        ops.check_series(datasets)
+    with pytest.raises(volume.SeriesGeometryError, match="drift"):
+        volume.check_series(datasets)
 
 
 @pytest.mark.parametrize("fraction, refused", [(0.05, True), (0.005, False)])
@@ -121,26 +127,36 @@ def test_check_series_gap_tolerance(ct_series, fraction, refused):
     ipp = [float(v) for v in datasets[3].ImagePositionPatient]
     datasets[3].ImagePositionPatient = [ipp[0], ipp[1], ipp[2] + fraction * gap]
     if refused:
-        with pytest.raises(ops.SeriesGeometryError, match="slice spacing is not uniform"):
-            ops.check_series(datasets)
+        with pytest.raises(volume.SeriesGeometryError, match="slice spacing is not uniform"):
+            volume.check_series(datasets)
     else:
-        ops.check_series(datasets)
+        volume.check_series(datasets)
 
 
-def test_repair_identifiers_fills_blank_uids_deterministically(ct_series):
+def test_repair_identifiers_takes_meta_uids_and_derives_the_rest_deterministically(ct_series):
     a, b = _read(ct_series)[:2]
     meta_uid = str(a.file_meta.MediaStorageSOPInstanceUID)
     for ds in (a, b):
         ds.SOPInstanceUID = ds.SOPClassUID = ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
-    notes = ops.repair_identifiers(a)
-    ops.repair_identifiers(b)
-    assert "SOPInstanceUID from file meta" in notes and "SeriesInstanceUID derived" in notes
-    assert str(a.SOPInstanceUID) == meta_uid and str(a.SOPClassUID) == ops.CT_IMAGE_STORAGE
+    derived = loading.repair_identifiers(a)
+    loading.repair_identifiers(b)
+    assert derived == ["StudyInstanceUID", "SeriesInstanceUID"]  # the SOP UIDs come from the file meta: not derived
+    assert str(a.SOPInstanceUID) == meta_uid and str(a.SOPClassUID) == selection.CT_IMAGE_STORAGE
     assert a.SeriesInstanceUID == b.SeriesInstanceUID and a.StudyInstanceUID == b.StudyInstanceUID
     for uid in (a.SeriesInstanceUID, a.StudyInstanceUID):
         assert re.fullmatch(r"[0-9.]{1,64}", str(uid))
     untouched = _read(ct_series)[0]
-    assert ops.repair_identifiers(untouched) == []
+    assert loading.repair_identifiers(untouched) == []
+
+
+def test_derived_identifiers_refuse_unless_allowed():
+    derived = loading.DerivedIdentifiers()
+    derived.add("1.2.3", ["StudyInstanceUID", "SeriesInstanceUID"])
+    derived.check("9.9", allowed=False)  # another series: nothing derived
+    with pytest.raises(loading.InputError, match="blank SeriesInstanceUID and StudyInstanceUID"):
+        derived.check("1.2.3", allowed=False)
+    derived.check("1.2.3", allowed=True)
+    assert "StudyInstanceUID of 1 instance(s) from PatientID" in derived.statement("1.2.3")
 
 
 def test_loader_groups_series_skips_non_dicom_and_repeated_files(tmp_path, ct_series):
@@ -152,7 +168,7 @@ def test_loader_groups_series_skips_non_dicom_and_repeated_files(tmp_path, ct_se
     shutil.copy2(first, folder / "copy_of_first.dcm")
     (folder / "readme.txt").write_text("not DICOM")
     write_non_image(folder / "sr", "sr")
-    loader = ops.DICOMFolderLoaderOperator(Fragment(), input_folder=folder, name="loader")
+    loader = loading.DICOMFolderLoaderOperator(Fragment(), input_folder=folder, name="loader")
     studies = loader.load_data_to_studies(folder)
     series = [s for st in studies for s in st.get_all_series()]
     counts = sorted((s.Modality, len(s.get_sop_instances())) for s in series)
@@ -160,21 +176,22 @@ def test_loader_groups_series_skips_non_dicom_and_repeated_files(tmp_path, ct_se
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.txt").write_text("x")
-    with pytest.raises(ValueError, match="no DICOM instance found: 1 file"):
+    with pytest.raises(loading.InputError, match="no DICOM instance found: 1 file"):
         loader.load_data_to_studies(empty)
 
 
 @pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"real data not available at {REAL_CT}")
-def test_loader_repairs_the_deidentified_real_series():
+def test_loader_groups_the_deidentified_real_series_and_records_derived_uids():
     from monai.deploy.core import Fragment
 
-    loader = ops.DICOMFolderLoaderOperator(Fragment(), input_folder=REAL_CT, name="loader")
+    loader = loading.DICOMFolderLoaderOperator(Fragment(), input_folder=REAL_CT, name="loader")
     studies = loader.load_data_to_studies(REAL_CT)
     (series,) = [s for st in studies for s in st.get_all_series()]
     instances = [i.get_native_sop_instance() for i in series.get_sop_instances()]
     assert len(instances) == 20 and series.Modality == "CT"
+    assert loader.derived.by_series[series.SeriesInstanceUID] == {"StudyInstanceUID": 20, "SeriesInstanceUID": 20}
     assert {str(ds.SOPInstanceUID) for ds in instances} == {p.name[3:-4] for p in REAL_CT.glob("CT.*.dcm")}
-    geometry = ops.check_series(instances)
+    geometry = volume.check_series(instances)
     assert geometry.slice_spacing == pytest.approx(2.0)
 
 
@@ -183,27 +200,31 @@ def test_read_bundle_labels_and_find_bundle(tmp_path):
     (bundle / "configs").mkdir(parents=True)
     shutil.copy2(ROOT / "bundle" / "configs" / "metadata.json", bundle / "configs")
     shutil.copy2(ROOT / "bundle" / "configs" / "inference.json", bundle / "configs")
-    info = ops.read_bundle(ops.find_bundle(bundle))
+    info = bundle_info.read_bundle(bundle_info.find_bundle(bundle))
     assert info.config_names == ["inference"]
     assert [label.name for label in info.labels] == ["right_ventricle", "myocardium", "left_ventricle"]
     (bundle / "configs" / "deploy.json").write_text(json.dumps({"class_names": ["liver", "tumour_x"]}))
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     meta["label_colors"] = {"liver": [1, 2, 3]}
     (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
-    info = ops.read_bundle(ops.find_bundle(tmp_path / "models"))  # MAP layout: models/<name>/
+    info = bundle_info.read_bundle(bundle_info.find_bundle(tmp_path / "models"))  # MAP layout: models/<name>/
     assert info.config_names == ["inference", "deploy"]
-    assert [(label.value, label.name, label.rgb) for label in info.labels] == [(1, "liver", (1, 2, 3)), (2, "tumour_x", ops._PALETTE[1])]
-    assert info.labels[0].code.value == "10200004" and info.labels[1].code.meaning == "Anatomical Structure"
+    assert [(label.value, label.name, label.rgb) for label in info.labels] == [(1, "liver", (1, 2, 3)), (2, "tumour_x", PALETTE[1])]
+    assert info.labels[0].code[0] == "10200004" and info.labels[1].code[2] == "Anatomical Structure"
     with pytest.raises(FileNotFoundError, match="exactly one"):
-        ops.find_bundle(tmp_path)
+        bundle_info.find_bundle(tmp_path)
 
 
-def test_selection_rules_from_environment(tmp_path, monkeypatch):
-    assert json.loads(ops.selection_rules()) == ops.DEFAULT_RULES
+def test_selection_rules_follow_the_declaration_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MSA2NET_SELECTION_RULES", raising=False)
+    mr = InputDeclaration(("MR",), ("HEART",))
+    assert [r["name"] for r in json.loads(selection.selection_rules(mr))["selections"]] == ["MR"]
+    assert [r["name"] for r in json.loads(selection.selection_rules(mr, allow_mismatch=True))["selections"]] == ["MR", "CT"]
+    assert [r["name"] for r in json.loads(selection.selection_rules(InputDeclaration()))["selections"]] == ["CT", "MR"]
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps({"selections": [{"name": "MR only", "conditions": {"Modality": "MR"}}]}))
     monkeypatch.setenv("MSA2NET_SELECTION_RULES", str(rules))
-    assert json.loads(ops.selection_rules())["selections"][0]["name"] == "MR only"
+    assert json.loads(selection.selection_rules(mr))["selections"][0]["name"] == "MR only"
     rules.write_text("{}")
     with pytest.raises(ValueError, match="selections"):
-        ops.selection_rules()
+        selection.selection_rules(mr)
