@@ -182,7 +182,7 @@ def test_publish_refuses_weights_that_do_not_fit_and_leaves_the_bundle_alone(tmp
     torch.save({"model": create_msa2net("tiny", in_channels=1, num_classes=3).state_dict()}, run / "models" / "model.pt")
     with pytest.raises(SystemExit) as e:
         publish(run, bundle_dir=bundle)
-    assert str(e.value).startswith("error: not published: ") and "preset: 'tiny' in the weights vs 'base'" in str(e.value)
+    assert str(e.value).startswith("error: not published: ") and "preset: 'tiny' in the weights vs 'paper'" in str(e.value)
     assert (bundle / "models" / "model.pt").read_bytes() == before
     assert "published" in publish(run, bundle_dir=bundle, model_preset="tiny", class_names=["a", "b"])
     assert torch.load(bundle / "models" / "model.pt", weights_only=True)["model"].keys() == create_msa2net("tiny", num_classes=3).state_dict().keys()
