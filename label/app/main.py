@@ -292,7 +292,8 @@ class MSA2NetTrainTask(BundleTrainTask):
         return stats
 
     def _write_stats(self, **values) -> None:
-        self._stats.update(values)
+        # NaN/inf (a diverged run) are not JSON: /info would fail; they are reported as null.
+        self._stats.update({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()})
         os.makedirs(self.workdir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.workdir, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
