@@ -377,9 +377,9 @@ def test_concurrent_infers_all_succeed_with_the_same_result(served, tmp_path):
 
 
 def _guide_blocks() -> list[str]:
-    """The indented shell command blocks of section 5 of the guide (the client and HTTP examples)."""
+    """The indented shell command blocks of section 6 of the guide (the client and HTTP examples)."""
     text = GUIDE.read_text()
-    section = text[text.index("## 5.") : text.index("## 6.")]
+    section = text[text.index("## 6.") : text.index("## 7.")]
     blocks, current = [], []
     for line in section.splitlines():
         if line.startswith("    "):
@@ -395,7 +395,7 @@ def _guide_blocks() -> list[str]:
 
 
 def test_guide_examples_run_as_written(served, tmp_path):
-    """Section 5 of bundle/docs/monailabel.md, run on the server's machine (only the port differs)."""
+    """Section 6 of bundle/docs/monailabel.md, run on the server's machine (only the port differs)."""
     blocks = _guide_blocks()
     assert len(blocks) >= 2, blocks
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
