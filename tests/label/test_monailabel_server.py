@@ -304,9 +304,8 @@ def _assert_client_error(served, response: requests.Response, status: int, names
     detail = response.json()["detail"]
     assert isinstance(detail, str) and "\n" not in detail, detail
     assert names in detail, detail
-    for secret in (str(served.server.root), "/tmp", str(served.bundle)):
-        assert secret not in detail, f"server path in the message: {detail}"
-    assert not re.search(r"(^|[\s'\"(])/[A-Za-z0-9_.-]+/", detail), f"a path in the message: {detail}"
+    roots = {Path(p).parts[1] for p in (served.server.root, ROOT, sys.prefix, "/tmp")}
+    assert not re.search(rf"/({'|'.join(map(re.escape, roots))})\b", detail), f"a server path in the message: {detail}"
     # ... and the server keeps serving.
     assert requests.get(f"{served.url}/info/", timeout=30).status_code == 200
 
