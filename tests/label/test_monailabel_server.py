@@ -399,9 +399,8 @@ def test_guide_examples_run_as_written(served, tmp_path):
     assert len(blocks) >= 2, blocks
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     port = served.url.rsplit(":", 1)[1]
-    venv = tmp_path / ".venv-label" / "bin"
-    venv.mkdir(parents=True)
-    (venv / "python").symlink_to(sys.executable)
+    # The guide's commands run from the repository root, where the label environment is `.venv-label`.
+    (tmp_path / ".venv-label").symlink_to(Path(sys.prefix), target_is_directory=True)
     for block in blocks:
         script = block.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
