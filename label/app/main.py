@@ -254,6 +254,11 @@ def _finite(value: Optional[float]) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def _ticked(value: Any) -> bool:
+    """A boolean option as clients send it (``True``, ``"false"``, ``0`` ...)."""
+    return str(value).strip().lower() not in ("false", "0", "no", "off", "")
+
+
 class MSA2NetTrainTask(BundleTrainTask):
     """Fine-tune with the bundle's train.json into a candidate; publish it only when it beats the served model."""
 
@@ -337,7 +342,7 @@ class MSA2NetTrainTask(BundleTrainTask):
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
         # Unticking "pretrained" trains from the bundle's own initialisation (the stock task fails on a None path).
-        if pretrained not in (False, "false", "False", 0):
+        if _ticked(pretrained):
             super()._load_checkpoint(model_pytorch, True, train_handlers)
 
     def _update_overrides(self, overrides):
@@ -369,7 +374,7 @@ class MSA2NetTrainTask(BundleTrainTask):
             epoch=0,
             total_epochs=max_epochs,
             best_metric=0.0,
-            source_weights=request["model_filename"] if request.get("pretrained", True) else None,
+            source_weights=request["model_filename"] if _ticked(request.get("pretrained", True)) else None,
             learning_rate=overrides["learning_rate"],
             train_images=len(overrides[self.const.key_train_dataset_data()]),
             heldout_images=[os.path.basename(d["image"]) for d in self._heldout],
@@ -387,6 +392,14 @@ class MSA2NetTrainTask(BundleTrainTask):
         )
 
     def run_single_gpu(self, request, overrides):
+        try:
+            self._fine_tune(request, overrides)
+        except BaseException as e:
+            # Slicer shows progress from these stats: a failed run must not look as if it still runs.
+            self._write_stats(status="FAILED", reason=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            raise
+
+    def _fine_tune(self, request, overrides) -> None:
         from ignite.engine import Events
         from monai.bundle.scripts import create_workflow
 
