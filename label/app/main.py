@@ -16,7 +16,8 @@ What it changes against the stock ``monaibundle`` sample app of monailabel 0.8.5
   ``best_metric``, ``total_time``) while training runs, plus why a candidate was or was not published;
 * ``/infer`` runs off the server's event loop and bad requests get a 4xx naming the problem
   (``http_routes.py``); uploads and labels are read back before they are accepted;
-* segments carry the display names of ``msa2net.terminology`` (3D Slicer colours them by name).
+* segments carry the display names of ``msa2net.terminology``, or the names 3D Slicer's generic
+  anatomy colour table uses for the same SNOMED CT structure (Slicer colours segments by name).
 
 Nothing is downloaded: there is no model-zoo lookup and no SAM2 model.
 """
@@ -71,6 +72,8 @@ DEFAULT_VAL_SPLIT = 0.2
 _SKIPPED_HANDLERS = ("msa2net.handlers.ResumeCheckpoint", "msa2net.handlers.BestModelSaver")
 # Image ids: Slicer sends its volume node names ("3: Cine SAX"); no path separators or control characters.
 _IMAGE_ID = re.compile(r"^[^\s./\\\x00-\x1f][^/\\\x00-\x1f]{0,127}$")
+# SNOMED CT code -> name of the structure in Slicer's generic anatomy colour table (GenericAnatomyColors).
+_SLICER_ANATOMY_NAMES = {"53085002": "right ventricle of heart", "87878005": "left ventricle of heart"}
 
 
 _sha_cache: Dict[tuple, str] = {}
@@ -102,13 +105,24 @@ def resolve_weights(registry, requested: Any = None) -> str:
     return os.path.join(registry.models_dir, name)
 
 
+def segment_name(class_name: str, index: int) -> str:
+    """The segment name clients show for a class: its terminology display name, or Slicer's name of its structure.
+
+    3D Slicer's MONAI Label module colours a segment by looking its lower-cased name up in Slicer's
+    generic anatomy colour table; the structures below are named differently there.
+    """
+    term = term_for(class_name, index)
+    name = _SLICER_ANATOMY_NAMES.get(term.code[0], term.display)
+    return name[:1].upper() + name[1:]
+
+
 def display_labels(bundle_dir: str) -> Dict[str, int]:
-    """Label display name -> value, from the bundle metadata's output ``channel_def`` and the terminology table."""
+    """Segment name -> label value, from the bundle metadata's output ``channel_def``."""
     with open(os.path.join(bundle_dir, "configs", "metadata.json")) as f:
         metadata = json.load(f)
     channel_def = next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
     return {
-        term_for(name, int(i)).display: int(i)
+        segment_name(name, int(i)): int(i)
         for i, name in sorted(channel_def.items(), key=lambda kv: int(kv[0]))
         if name.lower() != "background"
     }

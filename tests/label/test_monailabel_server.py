@@ -181,8 +181,11 @@ def test_info_lists_model_with_label_names(served, tmp_path):
     info = served.client(tmp_path).info()
     meta = json.loads((served.bundle / "configs" / "metadata.json").read_text())
     channels = next(iter(meta["network_data_format"]["outputs"].values()))["channel_def"]
-    # Segment names are the terminology's display names (3D Slicer colours segments by name).
-    expected = {term_for(name, int(i)).display: int(i) for i, name in channels.items() if name != "background"}
+    # Segment names: the terminology's display names, Slicer's anatomy names for the ventricles (Slicer colours by name).
+    if served.profile == "acdc":
+        expected = {"Right ventricle of heart": 1, "Myocardium": 2, "Left ventricle of heart": 3}
+    else:
+        expected = {term_for(n, int(i)).display.capitalize(): int(i) for i, n in channels.items() if n != "background"}
     assert MODEL in info["models"], info["models"].keys()
     model = info["models"][MODEL]
     assert model["labels"] == expected
