@@ -6,7 +6,7 @@ Run with the label environment's python (see ``bundle/docs/monailabel.md``)::
 
 What it does:
 
-1. the app folder (``label/app`` by default; another folder gets a copy of ``label/app/main.py``) gets
+1. the app folder (``label/app`` by default; another folder gets a copy of ``label/app/*.py``) gets
    the bundle folder ``<app>/model/<name>``, exported once from ``bundle/`` by ``msa2net export-bundle``
    (configs, docs, models and the ``msa2net`` package, so nothing needs installing on the server side);
    ``--profile`` adjusts its configs and metadata to a training profile (class names, preset, sizes) and
@@ -16,6 +16,7 @@ What it does:
 
        monailabel start_server --app <app> --studies <studies> --host 127.0.0.1 --port <port>
            --conf models <name> --conf zoo_source github --conf sam2 false --conf preload false
+           --conf keep_versions <N>
 
    The app never contacts a model zoo and has no SAM2 task, so no download is attempted.
 """
@@ -101,9 +102,12 @@ def prepare_bundle(
 
 
 def server_command(
-    app_dir: str | os.PathLike, studies: str | os.PathLike, port: int, name: str = "msa2net"
+    app_dir: str | os.PathLike, studies: str | os.PathLike, port: int, name: str = "msa2net", keep_versions: int = 3
 ) -> list[str]:
-    """The ``monailabel start_server`` command line (host fixed to 127.0.0.1, nothing downloaded)."""
+    """The ``monailabel start_server`` command line (host fixed to 127.0.0.1, nothing downloaded).
+
+    ``keep_versions`` is how many published fine-tunes the app keeps for rolling back.
+    """
     return [
         sys.executable, "-m", "monailabel.main",  # the `monailabel` console script of the environment
         "start_server",
@@ -115,6 +119,7 @@ def server_command(
         "--conf", "zoo_source", "github",
         "--conf", "sam2", "false",
         "--conf", "preload", "false",
+        "--conf", "keep_versions", str(keep_versions),
     ]  # fmt: skip
 
 
@@ -136,13 +141,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reexport", action="store_true", help="rebuild the served bundle folder (drops fine-tuned weights)"
     )
+    parser.add_argument(
+        "--keep-versions", type=int, default=3, help="published fine-tunes kept for rolling back (default 3)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="prepare and print the server command, do not start")
     args = parser.parse_args(argv)
 
     app_dir = Path(args.app_dir).resolve()
     app_dir.mkdir(parents=True, exist_ok=True)
     if app_dir != DEFAULT_APP:
-        shutil.copyfile(DEFAULT_APP / "main.py", app_dir / "main.py")
+        for module in DEFAULT_APP.glob("*.py"):
+            shutil.copyfile(module, app_dir / module.name)
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -167,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     studies = Path(args.studies).resolve()
     studies.mkdir(parents=True, exist_ok=True)
-    cmd = server_command(app_dir, studies, args.port, args.name)
+    if args.keep_versions < 1:
+        sys.exit(f"--keep-versions {args.keep_versions}: keep at least 1 published version.")
+    cmd = server_command(app_dir, studies, args.port, args.name, args.keep_versions)
     print(" ".join(cmd), flush=True)
     if args.dry_run:
         return

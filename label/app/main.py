@@ -1,26 +1,25 @@
-"""MONAI Label app that serves the MSA2-Net bundle (segmentation, fine-tuning, active learning).
+"""MONAI Label app that serves the MSA2-Net bundle (segmentation, gated fine-tuning, active learning).
 
 Start it with ``label/serve.py`` (see ``bundle/docs/monailabel.md``); it is a normal MONAI Label
 app folder, so ``python -m monailabel.main start_server --app label/app --studies DIR --conf models msa2net``
 works too once the bundle folder is in ``label/app/model/msa2net``.
 
-Why not the stock ``monaibundle`` sample app of monailabel 0.8.5 (it does load a local bundle from
-``<app>/model/<name>``, and its /info/ and /infer/ work with this bundle):
+What it changes against the stock ``monaibundle`` sample app of monailabel 0.8.5:
 
-* its trainer runs the bundle's ``train.json`` as is, whose best-model handler writes
-  ``<bundle>/models/model.pt``: fine-tuning would overwrite the shipped weights in place, and the
-  bundle's resumable-training handler would resume the previous fine-tuning run instead of starting one;
-* its inference task picks the shortest ``models/*.pt`` name (``model.pt``) unless the client names a
-  file, so the next /infer after a fine-tuning would still use the shipped weights;
-* a bad request (unknown image id, corrupt upload, label of another shape) ends in a bare
-  ``500 Internal Server Error`` or is accepted and breaks training later.
+* the shipped ``models/model.pt`` is never written. A fine-tuning (``/train``) trains on the
+  datastore's labelled images minus a held-out part and produces a *candidate*; the candidate is
+  *published* (served by the next ``/infer``) only when its Dice on the held-out images is at least
+  the served model's on the same images. Published versions are ``models/model_vNNNN.pt`` (the last
+  ``--conf keep_versions N`` kept, 3 by default), ``models/versions.json`` says which one is served,
+  and ``PUT /versions/<model>?serve=vNNNN`` (or ``shipped``) switches back (``weights_registry.py``);
+* the train stats carry the keys 3D Slicer's MONAI Label module reads (``epoch``, ``total_epochs``,
+  ``best_metric``, ``total_time``) while training runs, plus why a candidate was or was not published;
+* ``/infer`` runs off the server's event loop and bad requests get a 4xx naming the problem
+  (``http_routes.py``); uploads and labels are read back before they are accepted;
+* segments carry the display names of ``msa2net.terminology``, or the names 3D Slicer's generic
+  anatomy colour table uses for the same SNOMED CT structure (Slicer colours segments by name).
 
-Here the shipped ``models/model.pt`` is never written: a fine-tuning starts from the newest weights,
-runs the bundle's own training workflow on the datastore's labelled images and publishes its final
-weights atomically to ``models/model_finetuned.pt`` (its logs go to ``models/finetune/``); inference
-uses the newest of the two files unless the request names one (``model_filename``). Uploads are read
-back before they enter the datastore and bad requests get an HTTP 4xx with a message. Nothing is
-downloaded: there is no model-zoo lookup and no SAM2 model.
+Nothing is downloaded: there is no model-zoo lookup and no SAM2 model.
 """
 
 from __future__ import annotations
@@ -29,17 +28,20 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
+import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -51,52 +53,34 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
-from monailabel.config import settings
 from msa2net.handlers import atomic_torch_save
+from msa2net.terminology import term_for
+
+# MONAI Label loads main.py by file path; its sibling modules are found through the app folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from http_routes import read_volume  # noqa: E402
+from weights_registry import CANDIDATE_FILE, SHIPPED_FILE, RegistryError, open_registry  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_WEIGHTS = "model.pt"
-FINETUNED_WEIGHTS = "model_finetuned.pt"
 FINETUNE_DIR = "finetune"
+STATS_FILE = "finetune.json"
 DEFAULT_EPOCHS = 10
+DEFAULT_VAL_SPLIT = 0.2
 # Bundle handlers left out of a MONAI Label fine-tuning: it always starts from weights (no resuming),
-# and it publishes its final weights itself (the bundle's best-model saver writes ``<ckpt_dir>/model.pt``).
+# and the app publishes weights itself (the bundle's best-model saver writes ``<ckpt_dir>/model.pt``).
 _SKIPPED_HANDLERS = ("msa2net.handlers.ResumeCheckpoint", "msa2net.handlers.BestModelSaver")
-_IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-# --------------------------------------------------------------------------------------------------
-# weights files
-# --------------------------------------------------------------------------------------------------
-def weights_choices(bundle_dir: str) -> list[str]:
-    """Weights files of the bundle, newest first: the fine-tuned file (when present), then the shipped one."""
-    models = os.path.join(bundle_dir, "models")
-    names = [n for n in (FINETUNED_WEIGHTS, SHIPPED_WEIGHTS) if os.path.isfile(os.path.join(models, n))]
-    return names or [SHIPPED_WEIGHTS]
-
-
-def resolve_weights(bundle_dir: str, requested: Any = None) -> str:
-    """Path of the weights to use: the file named in the request, else the newest one."""
-    if isinstance(requested, (list, tuple)):
-        requested = requested[0] if requested else None
-    if requested:
-        name = os.path.basename(str(requested))
-        if name not in (SHIPPED_WEIGHTS, FINETUNED_WEIGHTS):
-            raise HTTPException(400, f"model_filename {requested!r}: choose one of {weights_choices(bundle_dir)}.")
-        path = os.path.join(bundle_dir, "models", name)
-        if not os.path.isfile(path):
-            raise HTTPException(
-                404, f"model_filename {name!r} does not exist yet; available: {weights_choices(bundle_dir)}."
-            )
-        return path
-    return os.path.join(bundle_dir, "models", weights_choices(bundle_dir)[0])
+# Image ids: Slicer sends its volume node names ("3: Cine SAX"); no path separators or control characters.
+_IMAGE_ID = re.compile(r"^[^\s./\\\x00-\x1f][^/\\\x00-\x1f]{0,127}$")
+# SNOMED CT code -> name of the structure in Slicer's generic anatomy colour table (GenericAnatomyColors).
+_SLICER_ANATOMY_NAMES = {"53085002": "right ventricle of heart", "87878005": "left ventricle of heart"}
 
 
 _sha_cache: Dict[tuple, str] = {}
 
 
 def file_sha256(path: str) -> str:
+    """SHA-256 of a file, cached by path, modification time and size."""
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)
     if key not in _sha_cache:
@@ -108,27 +92,45 @@ def file_sha256(path: str) -> str:
     return _sha_cache[key]
 
 
+def resolve_weights(registry, requested: Any = None) -> str:
+    """Path of the weights to use: the file named in the request (one of ``registry.files()``), else the served one."""
+    if isinstance(requested, (list, tuple)):
+        requested = requested[0] if requested else None
+    if not requested:
+        return registry.served_path()
+    name = os.path.basename(str(requested))
+    choices = registry.files()
+    if name not in choices:
+        raise HTTPException(404, f"model_filename {name!r} does not exist; choose one of {choices}.")
+    return os.path.join(registry.models_dir, name)
+
+
+def segment_name(class_name: str, index: int) -> str:
+    """The segment name clients show for a class: its terminology display name, or Slicer's name of its structure.
+
+    3D Slicer's MONAI Label module colours a segment by looking its lower-cased name up in Slicer's
+    generic anatomy colour table; the structures below are named differently there.
+    """
+    term = term_for(class_name, index)
+    name = _SLICER_ANATOMY_NAMES.get(term.code[0], term.display)
+    return name[:1].upper() + name[1:]
+
+
+def display_labels(bundle_dir: str) -> Dict[str, int]:
+    """Segment name -> label value, from the bundle metadata's output ``channel_def``."""
+    with open(os.path.join(bundle_dir, "configs", "metadata.json")) as f:
+        metadata = json.load(f)
+    channel_def = next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
+    return {
+        segment_name(name, int(i)): int(i)
+        for i, name in sorted(channel_def.items(), key=lambda kv: int(kv[0]))
+        if name.lower() != "background"
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # datastore: read uploads back before accepting them
 # --------------------------------------------------------------------------------------------------
-def _read_volume(path: str, what: str, name: str):
-    """Load an uploaded file the way the bundle does (MONAI LoadImage); HTTP 422 when it cannot be read."""
-    from monai.transforms import LoadImage
-
-    try:
-        img = LoadImage(image_only=True)(path)
-        array = np.asarray(img)
-    except Exception as e:  # any reader failure means the upload is unusable
-        raise HTTPException(
-            422, f"{what} {name!r} is not a readable image ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
-        ) from None
-    if array.ndim not in (2, 3) or min(array.shape) < 1:
-        raise HTTPException(
-            422, f"{what} {name!r} has shape {tuple(array.shape)}; expected a single-channel 2D or 3D image."
-        )
-    return img, array
-
-
 class CheckedDatastore(LocalDatastore):
     """Local datastore that refuses unreadable images and labels that do not fit their image."""
 
@@ -139,16 +141,19 @@ class CheckedDatastore(LocalDatastore):
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         name = image_id or os.path.basename(image_filename)
         if image_id and not _IMAGE_ID.match(image_id):
-            raise HTTPException(400, f"image id {image_id!r}: use letters, digits, '.', '_' or '-' (at most 128).")
-        _read_volume(image_filename, "uploaded image", name)
+            raise HTTPException(
+                400,
+                f"image id {image_id!r}: at most 128 characters, no '/' or '\\', not starting with '.' or a space.",
+            )
+        read_volume(image_filename, "uploaded image", name)
         return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         image_uri = self.get_image_uri(image_id)
         if not image_uri or not os.path.isfile(image_uri):
             raise HTTPException(404, f"image {image_id!r} is not in the datastore; upload the image before its label.")
-        label, label_array = _read_volume(label_filename, "uploaded label", image_id)
-        image, image_array = _read_volume(image_uri, "image", image_id)
+        label, label_array = read_volume(label_filename, "uploaded label", image_id)
+        image, image_array = read_volume(image_uri, "image", image_id)
         if label_array.shape != image_array.shape:
             raise HTTPException(
                 422,
@@ -176,36 +181,47 @@ class CheckedDatastore(LocalDatastore):
 # inference
 # --------------------------------------------------------------------------------------------------
 class MSA2NetInferTask(BundleInferTask):
-    """The bundle's inference.json (preprocessing, SliceInferer, Invertd) with the newest weights."""
+    """The bundle's inference.json (preprocessing, SliceInferer, Invertd) with the served weights."""
 
     def __init__(self, path: str, conf: Dict[str, str]):
         # Set before the base class runs: with ``--conf preload true`` it loads the network at once.
         self.bundle_dir = path
+        self.registry = open_registry(path, conf.get("keep_versions"))
         self._lock = threading.Lock()
+        # One inference computes at a time: concurrent requests queue here instead of sharing the cores.
+        self._compute = threading.Lock()
+        self._results = tempfile.mkdtemp(prefix="msa2net-label-results-")
         super().__init__(path, conf, type="segmentation", load_strict=True)
         if not self.valid:
             return
+        self.labels = display_labels(path)
         models = os.path.join(path, "models")
-        # Last existing path is the "latest" for MONAI Label (e.g. /model/<name> reports it).
-        self.path = [os.path.join(models, SHIPPED_WEIGHTS), os.path.join(models, FINETUNED_WEIGHTS)]
+        self.path = [os.path.join(models, SHIPPED_FILE)]
         self._refresh_choices()
 
     def _refresh_choices(self) -> None:
-        self._config["model_filename"] = weights_choices(self.bundle_dir)
+        self._config["model_filename"] = self.registry.files()
 
     def config(self) -> Dict[str, Any]:
         self._refresh_choices()
         return self._config
 
+    def info(self) -> Dict[str, Any]:
+        info = super().info()
+        info["labels"] = self.labels
+        return info
+
     def __call__(self, request, callbacks=None):
-        self._refresh_choices()
         request = dict(request)
-        # A request that names no file gets the newest weights (the default of the options list).
-        request.setdefault("model_filename", self._config["model_filename"][0])
-        return super().__call__(request, callbacks)
+        choices = self.registry.files()
+        # The options list shown to clients is a list; a request that names no single file gets the served weights.
+        if isinstance(request.get("model_filename"), (list, tuple)) or request.get("model_filename") in (None, ""):
+            request["model_filename"] = choices[0]
+        with self._compute:
+            return super().__call__(request, callbacks)
 
     def _get_network(self, device, data):
-        path = resolve_weights(self.bundle_dir, data.get("model_filename") if data else None)
+        path = resolve_weights(self.registry, data.get("model_filename") if data else None)
         st = os.stat(path)
         key = (path, st.st_mtime_ns, st.st_size)
         with self._lock:
@@ -213,7 +229,7 @@ class MSA2NetInferTask(BundleInferTask):
             if cached and cached[1] == key:
                 network = cached[0]
             else:
-                logger.info(f"Loading weights {path} on {device}")
+                logger.info(f"Loading weights {os.path.basename(path)} on {device}")
                 network = copy.deepcopy(self.network).to(torch.device(device))
                 checkpoint = torch.load(path, map_location=torch.device(device), weights_only=True)
                 network.load_state_dict(checkpoint.get(self.model_state_dict, checkpoint), strict=True)
@@ -227,6 +243,12 @@ class MSA2NetInferTask(BundleInferTask):
     def writer(self, data, extension=None, dtype=None):
         # uint8 label maps (the bundle's own SaveImaged writes uint8 too).
         result_file, result_json = super().writer(data, extension=extension, dtype=dtype or np.uint8)
+        if result_file and os.path.isfile(result_file):
+            # The client saves the result under the same base name in its own temporary folder; on the
+            # server's machine that would be this very file, which the server deletes after sending it.
+            private = os.path.join(self._results, os.path.basename(result_file))
+            os.replace(result_file, private)
+            result_file = private
         result_json = dict(result_json or {})
         result_json["model_file"] = data.get("model_file")
         result_json["model_sha256"] = data.get("model_sha256")
@@ -236,13 +258,31 @@ class MSA2NetInferTask(BundleInferTask):
 # --------------------------------------------------------------------------------------------------
 # training (fine-tuning on the datastore's labelled images)
 # --------------------------------------------------------------------------------------------------
+def _metric(evaluator) -> Optional[float]:
+    evaluator.run()
+    value = evaluator.state.metrics.get(evaluator.state.key_metric_name) if evaluator.state.metrics else None
+    return None if value is None else float(value)
+
+
+def _finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _ticked(value: Any) -> bool:
+    """A boolean option as clients send it (``True``, ``"false"``, ``0`` ...)."""
+    return str(value).strip().lower() not in ("false", "0", "no", "off", "")
+
+
 class MSA2NetTrainTask(BundleTrainTask):
-    """Fine-tune with the bundle's train.json; final weights go to ``models/model_finetuned.pt``."""
+    """Fine-tune with the bundle's train.json into a candidate; publish it only when it beats the served model."""
 
     def __init__(self, path: str, conf: Dict[str, str]):
         super().__init__(path, conf, load_strict=True)
+        self.registry = open_registry(path, conf.get("keep_versions"))
+        self.workdir = os.path.join(path, "models", FINETUNE_DIR)
         self._request: Dict[str, Any] = {}
-        self._last: Dict[str, Any] = {}
+        self._stats: Dict[str, Any] = {}
+        self._heldout: List[Dict[str, str]] = []
 
     def default_learning_rate(self) -> float:
         """A tenth of the bundle's training rate: fine-tuning starts from trained weights."""
@@ -253,57 +293,74 @@ class MSA2NetTrainTask(BundleTrainTask):
 
     def config(self):
         options = super().config()
-        options["model_filename"] = weights_choices(self.bundle_path)
+        options["model_filename"] = self.registry.files()
         options["max_epochs"] = DEFAULT_EPOCHS
+        options["val_split"] = DEFAULT_VAL_SPLIT
         options["multi_gpu"] = False
         options["learning_rate"] = self.default_learning_rate()
         return options
 
     def stats(self):
-        info = os.path.join(self.bundle_path, "models", FINETUNE_DIR, "finetune.json")
-        if os.path.isfile(info):
-            with open(info) as f:
-                return json.load(f)
-        return {}
+        """Progress and outcome of the last fine-tuning (what 3D Slicer's module shows), and the served version."""
+        try:
+            with open(os.path.join(self.workdir, STATS_FILE)) as f:
+                stats = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            stats = {}
+        stats["served_version"] = self.registry.served()
+        return stats
+
+    def _write_stats(self, **values) -> None:
+        # NaN/inf (a diverged run) are not JSON: /info would fail; they are reported as null.
+        self._stats.update({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()})
+        os.makedirs(self.workdir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.workdir, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._stats, f, indent=2)
+        os.replace(tmp, os.path.join(self.workdir, STATS_FILE))
 
     def __call__(self, request, datastore: Datastore):
         request = dict(request)
         name = request.get("model_filename")
-        if isinstance(name, (list, tuple)) or not name:
-            request["model_filename"] = weights_choices(self.bundle_path)[0]
-        request["model_filename"] = os.path.basename(str(request["model_filename"]))
-        if not os.path.isfile(os.path.join(self.bundle_path, "models", request["model_filename"])):
+        choices = self.registry.files()
+        request["model_filename"] = choices[0] if isinstance(name, (list, tuple)) or not name else os.path.basename(str(name))
+        if request["model_filename"] not in choices:
             # The stock task would silently train from scratch.
             raise MONAILabelException(
                 MONAILabelError.INVALID_INPUT,
-                f"model_filename {request['model_filename']!r} not found; choose one of {weights_choices(self.bundle_path)}.",
+                f"model_filename {request['model_filename']!r} not found; choose one of {choices}.",
             )
         # The same defaults as the options shown to clients (the stock task would use 50 epochs and the bundle's rate).
         request.setdefault("max_epochs", DEFAULT_EPOCHS)
+        request.setdefault("val_split", DEFAULT_VAL_SPLIT)
         if request.get("learning_rate") in (None, ""):
             request["learning_rate"] = self.default_learning_rate()
-        labelled = datastore.datalist()
-        if not labelled:
+        if not datastore.datalist():
             raise MONAILabelException(
                 MONAILabelError.INVALID_INPUT, "no labelled image in the datastore: submit at least one label first."
             )
         self._request = request
-        start = time.time()
-        super().__call__(request, datastore)
-        self._last["seconds"] = round(time.time() - start, 1)
-        self._last["images"] = len(labelled)
-        return dict(self._last)
+        return super().__call__(request, datastore)
 
     def _partition_datalist(self, datalist, request, shuffle=False):
-        train_ds, val_ds = super()._partition_datalist(datalist, request, shuffle)
-        if not val_ds:  # too few images to hold one out: validate on the training images
-            val_ds = list(train_ds)
-        return train_ds, val_ds
+        """Hold out ``val_split`` of the labelled images (at least one, and one stays for training); never validate on training images."""
+        datalist = sorted(datalist, key=lambda d: d["image"])
+        split = float(request.get("val_split", DEFAULT_VAL_SPLIT))
+        if len(datalist) < 2 or split <= 0:
+            self._heldout = []
+            return datalist, []
+        count = min(len(datalist) - 1, max(1, round(len(datalist) * split)))
+        held = set(random.Random(0).sample(range(len(datalist)), count))
+        self._heldout = [d for i, d in enumerate(datalist) if i in held]
+        return [d for i, d in enumerate(datalist) if i not in held], self._heldout
+
+    def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
+        # Unticking "pretrained" trains from the bundle's own initialisation (the stock task fails on a None path).
+        if _ticked(pretrained):
+            super()._load_checkpoint(model_pytorch, True, train_handlers)
 
     def _update_overrides(self, overrides):
         request = self._request
-        workdir = os.path.join(self.bundle_path, "models", FINETUNE_DIR)
-        os.makedirs(workdir, exist_ok=True)
         for key, handlers in (
             (self.const.key_train_handlers(), overrides.get(self.const.key_train_handlers(), [])),
             ("validate#handlers", self.bundle_config.get("validate#handlers", [])),
@@ -315,20 +372,49 @@ class MSA2NetTrainTask(BundleTrainTask):
             ]
         max_epochs = int(overrides[self.const.key_train_trainer_max_epochs()])
         overrides["max_epochs"] = max_epochs  # the LR schedule spans the fine-tuning, not the full training
-        overrides["val_interval"] = int(request.get("val_interval", max_epochs))
+        # The candidate is compared after training; in-training validation only when asked for.
+        overrides["val_interval"] = int(request.get("val_interval") or max_epochs + 1)
+        if not self._heldout:
+            overrides["val_interval"] = max_epochs + 1
         # Whatever the bundle's handlers still write (checkpoints, logs) stays out of models/*.pt.
-        overrides["ckpt_dir"] = workdir
-        overrides["output_dir"] = workdir
-        if request.get("learning_rate") not in (None, ""):
-            overrides["learning_rate"] = float(request["learning_rate"])
-        self._last = {
-            "source_weights": os.path.basename(str(request.get("model_filename"))),
-            "max_epochs": max_epochs,
-            "learning_rate": overrides.get("learning_rate", self.bundle_config.get("learning_rate")),
-        }
+        os.makedirs(self.workdir, exist_ok=True)
+        overrides["ckpt_dir"] = self.workdir
+        overrides["output_dir"] = self.workdir
+        overrides["learning_rate"] = float(request["learning_rate"])
+        self._stats = {}
+        self._write_stats(
+            status="RUNNING",
+            start_ts=int(time.time()),
+            epoch=0,
+            total_epochs=max_epochs,
+            best_metric=0.0,
+            source_weights=request["model_filename"] if _ticked(request.get("pretrained", True)) else None,
+            learning_rate=overrides["learning_rate"],
+            train_images=len(overrides[self.const.key_train_dataset_data()]),
+            heldout_images=[os.path.basename(d["image"]) for d in self._heldout],
+        )
         return overrides
 
+    def _on_epoch(self, engine) -> None:
+        output = engine.state.output
+        output = output[0] if isinstance(output, list) and output else output
+        loss = output.get("loss") if isinstance(output, dict) else None
+        self._write_stats(
+            epoch=engine.state.epoch,
+            current_time=round(time.time() - self._stats["start_ts"], 1),
+            train_loss=None if loss is None else float(loss),
+        )
+
     def run_single_gpu(self, request, overrides):
+        try:
+            self._fine_tune(request, overrides)
+        except BaseException as e:
+            # Slicer shows progress from these stats: a failed run must not look as if it still runs.
+            self._write_stats(status="FAILED", reason=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            raise
+
+    def _fine_tune(self, request, overrides) -> None:
+        from ignite.engine import Events
         from monai.bundle.scripts import create_workflow
 
         workflow = create_workflow(
@@ -337,26 +423,72 @@ class MSA2NetTrainTask(BundleTrainTask):
             run_id=request.get("run_id", "run"),
             **overrides,
         )
-        workflow.run()
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        evaluator = workflow.parser.get_parsed_content("validate#evaluator")
         network = workflow.parser.get_parsed_content(self.const.key_network())
         network = getattr(network, "module", network)
-        out = os.path.join(self.bundle_path, "models", FINETUNED_WEIGHTS)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch)
+
+        served_version = self.registry.served()
+        served_metric = None
+        if self._heldout:
+            # The served model on the held-out images, through the same evaluator the candidate goes through.
+            initial = {k: v.detach().clone() for k, v in network.state_dict().items()}
+            served = torch.load(self.registry.served_path(), map_location="cpu", weights_only=True)
+            network.load_state_dict(served.get(self.model_dict_key, served), strict=True)
+            served_metric = _metric(evaluator)
+            network.load_state_dict(initial)
+            self._write_stats(served_metric=served_metric)
+
+        workflow.run()
         state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-        atomic_torch_save({self.model_dict_key: state}, out)
-        evaluator = workflow.parser.get_parsed_content("validate#evaluator")
-        metric = evaluator.state.metrics.get(evaluator.state.key_metric_name) if evaluator.state.metrics else None
-        self._last.update(
-            {
-                "weights": FINETUNED_WEIGHTS,
-                "sha256": file_sha256(out),
-                "val_mean_dice": None if metric is None else float(metric),
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            }
-        )
+        candidate_metric = _metric(evaluator) if self._heldout else None
+        fd, tmp = tempfile.mkstemp(dir=self.registry.models_dir, prefix=".candidate.", suffix=".pt")
+        os.close(fd)
+        atomic_torch_save({self.model_dict_key: state}, tmp)
+        outcome = {
+            "served_version_before": served_version,
+            "served_metric": served_metric,
+            "candidate_metric": candidate_metric,
+            "best_metric": candidate_metric if _finite(candidate_metric) else 0.0,
+            "sha256": file_sha256(tmp),
+        }
+        if not self._heldout:
+            reason = (
+                "not published: no held-out labelled image to compare it on "
+                f"(needs at least 2 labelled images and val_split > 0; this run had {self._stats['train_images']} "
+                "labelled image(s) for training and none held out)."
+            )
+        elif not _finite(candidate_metric):
+            reason = f"not published: its held-out Dice is {candidate_metric} (training diverged)."
+        elif not _finite(served_metric) or candidate_metric >= served_metric:
+            reason = ""
+        else:
+            reason = (
+                f"not published: held-out Dice {candidate_metric:.4f} is below the served model's "
+                f"{served_metric:.4f} ({served_version}) on the same {len(self._heldout)} image(s)."
+            )
+        if reason:
+            outcome.update(published=False, weights=self.registry.keep_candidate(tmp), reason=reason)
+        else:
+            record = {k: outcome[k] for k in ("served_version_before", "served_metric", "candidate_metric", "sha256")}
+            record["heldout_images"] = self._stats["heldout_images"]
+            version = self.registry.publish(tmp, record)
+            outcome.update(
+                published=True,
+                version=version,
+                weights=self.registry.file_of(version),
+                reason=f"published as {version}: held-out Dice {candidate_metric:.4f} >= served "
+                f"{served_metric:.4f} ({served_version}).",
+            )
         workflow.finalize()
-        with open(os.path.join(self.bundle_path, "models", FINETUNE_DIR, "finetune.json"), "w") as f:
-            json.dump(self._last, f, indent=2)
-        logger.info(f"Fine-tuned weights written to {out}: {self._last}")
+        self._write_stats(
+            status="DONE",
+            total_time=round(time.time() - self._stats["start_ts"], 1),
+            finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+            **outcome,
+        )
+        logger.info(f"Fine-tuning finished: {outcome['reason']}")
 
     def run_multi_gpu(self, request, cmd, env):
         raise MONAILabelException(MONAILabelError.INVALID_INPUT, "multi-GPU fine-tuning is not supported by this app.")
@@ -401,11 +533,13 @@ class MSA2NetLabelApp(MONAILabelApp):
                     MONAILabelError.APP_INIT_ERROR,
                     f"{self.bundle_dir}: not a bundle folder ({part} missing); export one with label/serve.py.",
                 )
-        if not os.path.isfile(os.path.join(self.bundle_dir, "models", SHIPPED_WEIGHTS)):
+        if not os.path.isfile(os.path.join(self.bundle_dir, "models", SHIPPED_FILE)):
             raise MONAILabelException(
                 MONAILabelError.APP_INIT_ERROR,
-                f"{self.bundle_dir}/models/{SHIPPED_WEIGHTS} is missing: the bundle has no trained weights.",
+                f"{self.bundle_dir}/models/{SHIPPED_FILE} is missing: the bundle has no trained weights.",
             )
+        self.registry = open_registry(self.bundle_dir, conf.get("keep_versions"))
+        self.upload_roots: List[str] = []
         with open(os.path.join(self.bundle_dir, "configs", "metadata.json")) as f:
             metadata = json.load(f)
         channel_def = next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
@@ -418,6 +552,15 @@ class MSA2NetLabelApp(MONAILabelApp):
             description=metadata.get("description", ""),
             version=metadata.get("version", "0"),
         )
+
+    def server_mode(self, mode: bool):
+        super().server_mode(mode)
+        if mode:
+            from monailabel.app import app as server
+
+            from http_routes import install
+
+            install(server, self)
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -443,45 +586,71 @@ class MSA2NetLabelApp(MONAILabelApp):
     def init_strategies(self) -> Dict[str, Strategy]:
         return {"random": RandomUnlabeled(), "first": First()}
 
+    def strategy_names(self) -> List[str]:
+        """Names of the active-learning strategies."""
+        return sorted(self._strategies)
+
     def bundle_path(self, model):
         # Called by /train and /batch/infer before a background task starts: refuse unknown models there.
+        self._check_model(model)
+        return super().bundle_path(model)
+
+    def _check_model(self, model) -> None:
         if model and model not in self._trainers and model not in self._infers:
             raise HTTPException(404, f"model {model!r} is not served here; models: {sorted(self._infers)}.")
-        return super().bundle_path(model)
+
+    def versions(self, model: str) -> Dict[str, Any]:
+        """``GET /versions/<model>``: the served version, the kept ones with their held-out scores, the candidate."""
+        self._check_model(model)
+        state = self.registry.state()
+        candidate = os.path.join(self.registry.models_dir, CANDIDATE_FILE)
+        state["candidate_file"] = CANDIDATE_FILE if os.path.isfile(candidate) else None
+        return state
+
+    def serve_version(self, model: str, version: str) -> Dict[str, Any]:
+        """``PUT /versions/<model>?serve=VERSION``: serve ``shipped`` or a kept ``vNNNN`` from the next ``/infer`` on."""
+        self._check_model(model)
+        try:
+            return self.registry.serve(version)
+        except RegistryError as e:
+            raise HTTPException(404, str(e)) from None
 
     def _check_image(self, image: Any, datastore) -> None:
         if not isinstance(image, str) or not image:
             raise HTTPException(400, "no image given: pass an image id of the datastore or upload a file.")
-        if os.path.exists(image):
-            # A path only comes from an upload to /infer (a temporary file), a session or the studies folder.
+        if datastore.get_image_uri(image):
+            return
+        if os.path.isabs(image) and os.path.exists(image):
+            # A path only comes from an upload to /infer, a session or the studies folder.
             real = os.path.realpath(image)
-            roots = [tempfile.gettempdir(), self.studies]
+            roots = [self.studies, *self.upload_roots]
             if self._sessions is not None:
                 roots.append(self._sessions.store_path)
             roots = [os.path.realpath(r) for r in roots]
             if not any(real == r or real.startswith(r + os.sep) for r in roots):
-                raise HTTPException(403, f"{image!r}: only datastore image ids and uploaded files can be segmented.")
+                raise HTTPException(403, f"{os.path.basename(image)!r}: only datastore image ids and uploaded files can be segmented.")
             return
-        if not datastore.get_image_uri(image):
-            raise HTTPException(
-                404,
-                f"image {image!r} is not in the datastore ({len(datastore.list_images())} images); "
-                "upload it first (PUT /datastore/image) or send the file with the request.",
-            )
+        raise HTTPException(
+            404,
+            f"image {image!r} is not in the datastore ({len(datastore.list_images())} images); "
+            "upload it first (PUT /datastore/image) or send the file with the request.",
+        )
 
     def infer(self, request, datastore=None):
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(404, f"model {model!r} is not served here; models: {sorted(self._infers)}.")
         self._check_image(request.get("image"), datastore or self.datastore())
+        name = request.get("image_name") or request.get("image")
         try:
             return super().infer(request, datastore)
         except HTTPException:
             raise
         except MONAILabelException as e:
-            raise HTTPException(400, f"inference of {request.get('image')!r} failed: {e.msg}") from None
+            raise HTTPException(400, f"inference of {name!r} failed: {e.msg}") from None
         except Exception as e:
             logger.exception("inference failed")
-            raise HTTPException(
-                500, f"inference of {request.get('image')!r} with {model!r} failed: {type(e).__name__}: {e}"
-            ) from None
+            detail = str(e).splitlines()[0][:300] if str(e) else ""
+            if isinstance(request.get("image"), str) and os.path.isabs(request["image"]):
+                detail = detail.replace(request["image"], str(name))
+            raise HTTPException(500, f"inference of {name!r} with {model!r} failed: {type(e).__name__}: {detail}") from None
