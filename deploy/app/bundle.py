@@ -105,7 +105,7 @@ class ConfiguredBundleInferenceOperator(MonaiBundleInferenceOperator):
     def _get_compose(self, obj_name, disallowed_prefixes):
         # The SDK parses the bundle and builds the transforms in one step (_init_config); this is the last point
         # before the first is instantiated. Only then: setting an id resets the parser's instances, and the
-        # postprocessing's Invertd must see the very preprocessing objects that ran.
+        # postprocessing must see the very preprocessing objects that ran.
         overrides, self._config_overrides = self._config_overrides, {}
         for key, value in overrides.items():
             self._parser[key] = value

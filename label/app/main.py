@@ -181,7 +181,7 @@ class CheckedDatastore(LocalDatastore):
 # inference
 # --------------------------------------------------------------------------------------------------
 class MSA2NetInferTask(BundleInferTask):
-    """The bundle's inference.json (preprocessing, SliceInferer, Invertd) with the served weights."""
+    """The bundle's inference.json (preprocessing, SliceInferer, RestoreLabeld) with the served weights."""
 
     def __init__(self, path: str, conf: Dict[str, str]):
         # Set before the base class runs: with ``--conf preload true`` it loads the network at once.

@@ -1,0 +1,41 @@
+"""Bundle config layering: profiles describe data and classes, override files the optimiser or the machine,
+so the order in which they are listed cannot change the resolved configuration."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+PROFILES = sorted(p.name for p in (CONFIGS / "profiles").glob("*.json"))
+OVERRIDES = ["adamw.json", "gpu_train.json", "tta.json", "mlflow.json"]
+
+
+def merged(files: list[str]) -> dict:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in files])
+    return parser.get()
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profile_and_overrides_give_the_same_config_in_any_order(profile):
+    layers = [f"profiles/{profile}", *OVERRIDES]
+    reference = merged(["train.json", *layers])
+    for order in itertools.permutations(layers):
+        assert merged(["train.json", *order]) == reference, order
+
+
+def test_profiles_set_no_optimiser_or_schedule_keys():
+    optimiser_keys = {"optimizer", "learning_rate", "lr_schedule", "warmup_iters", "lr_scheduler", "ema_decay", "grad_clip_norm"}
+    for profile in PROFILES:
+        keys = set(merged([f"profiles/{profile}"]))
+        assert not keys & optimiser_keys, (profile, keys & optimiser_keys)
+
+
+def test_adamw_learning_rate_survives_any_profile():
+    for profile in PROFILES:
+        for files in (["train.json", f"profiles/{profile}", "adamw.json"], ["train.json", "adamw.json", f"profiles/{profile}"]):
+            parser = ConfigParser()
+            parser.read_config([str(CONFIGS / f) for f in files])
+            assert parser.get_parsed_content("learning_rate") == 0.0005 and parser.get("lr_schedule") == "cosine"
