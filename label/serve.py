@@ -43,10 +43,13 @@ def apply_profile(bundle_dir: str | os.PathLike, profile: str | None = None, ove
 
     MONAI Label reads ``configs/inference.json`` and ``configs/train.json`` alone (it cannot add a
     profile file on the command line as ``monai.bundle run`` can), so the profile's ids are written
-    into both, and ``metadata.json``'s input/output channels are set from its ``class_names`` and
-    ``in_channels`` (MONAI Label takes the label names from the output ``channel_def``).
+    into both. ``metadata.json``'s class fields and input channels are derived from the resulting
+    ``class_names`` and ``in_channels`` by ``msa2net.bundle_tools.metadata_with_classes``; the app itself
+    reads the class names from ``inference.json`` (``msa2net.bundle_tools.class_table``).
     """
     from monai.bundle import ConfigParser
+
+    from msa2net.bundle_tools import class_table, metadata_with_classes
 
     configs = Path(bundle_dir) / "configs"
     values: dict = {}
@@ -57,27 +60,22 @@ def apply_profile(bundle_dir: str | os.PathLike, profile: str | None = None, ove
             raise FileNotFoundError(f"{profile_file}: no such profile; choose one of {names}.")
         values.update(json.loads(profile_file.read_text()))
     values.update(overrides or {})
-    for name in ("inference.json", "train.json"):
+
+    def layered(name: str) -> ConfigParser:
         parser = ConfigParser()
         parser.read_config(str(configs / name))
-        for key, value in values.items():
-            parser[key] = value
-        ConfigParser.export_config_file(parser.get(), str(configs / name), indent=4)
+        parser.update(values)
+        return parser
+
+    # The classes the app will serve, checked before anything is written; on a parser of its own, since
+    # parsing rewrites the config it parses.
+    where = f"{configs / 'inference.json'} (profile {profile}, overrides {sorted(overrides or {})})"
+    table = class_table(layered("inference.json"), where)
+    for name in ("inference.json", "train.json"):
+        ConfigParser.export_config_file(layered(name).get(), str(configs / name), indent=4)
 
     meta_file = configs / "metadata.json"
-    meta = json.loads(meta_file.read_text())
-    fmt = meta["network_data_format"]
-    if "class_names" in values:
-        names = ["background"] + list(values["class_names"])
-        pred = next(iter(fmt["outputs"].values()))
-        pred["num_channels"] = len(names)
-        pred["channel_def"] = {str(i): n for i, n in enumerate(names)}
-        text = ", ".join(f"{i} {n.replace('_', ' ')}" for i, n in enumerate(names))
-        meta["label_classes"] = meta["pred_classes"] = text
-    if "in_channels" in values:
-        image = next(iter(fmt["inputs"].values()))
-        image["num_channels"] = int(values["in_channels"])
-        image["channel_def"] = {str(i): "image" for i in range(int(values["in_channels"]))}
+    meta = metadata_with_classes(json.loads(meta_file.read_text()), table[1:], values.get("in_channels"))
     meta_file.write_text(json.dumps(meta, indent=4) + "\n")
     return values
 

@@ -109,6 +109,8 @@ def test_deploy_bundle_folder(checkpoint, tmp_path):
     ckpt, net = checkpoint
     out = Path(deploy_bundle(str(tmp_path / "bundle"), str(ckpt), **OVERRIDES))
     assert json.loads((out / "configs" / DEPLOY_CONFIG).read_text()) == OVERRIDES
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "organ_1", "2": "organ_2"}
     for part in ("configs/inference.json", "configs/metadata.json", "models/model.pt", "models/model.ts", "msa2net/networks/sacm.py"):
         assert (out / part).is_file(), part
     assert "model/extra/deploy.json" in zipfile.ZipFile(out / "models" / "model.ts").namelist()

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msa2net.bundle_tools import default_bundle_dir, export_bundle
+from msa2net.bundle_tools import class_table, default_bundle_dir, export_bundle, metadata_with_classes
 from msa2net.inference import load_weights
 
 __all__ = ["torchscript", "onnx", "deploy_bundle", "check_exported", "DEPLOY_CONFIG"]
@@ -290,6 +290,12 @@ def deploy_bundle(
         deploy = json.loads((src / "configs" / profile).read_text()) if profile else {}
         deploy.update(overrides)
         (staged / "configs" / DEPLOY_CONFIG).write_text(json.dumps(deploy, indent=2) + "\n")
+        # The metadata states the classes the configs run with (the Deploy app reads them from the configs).
+        configs = [str(staged / "configs" / n) for n in ("inference.json", DEPLOY_CONFIG)]
+        table = class_table(_parser(staged, configs, {}), " + ".join(configs))
+        meta_file = staged / "configs" / "metadata.json"
+        meta = metadata_with_classes(json.loads(meta_file.read_text()), table[1:], deploy.get("in_channels"))
+        meta_file.write_text(json.dumps(meta, indent=4) + "\n")
         (staged / "models").mkdir(exist_ok=True)
         for stale in ("model.pt", "model.ts", "model.onnx"):
             (staged / "models" / stale).unlink(missing_ok=True)

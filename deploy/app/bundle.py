@@ -65,9 +65,10 @@ def find_bundle(model_path: str | os.PathLike) -> Path:
 
 
 def read_bundle(bundle: Path) -> BundleInfo:
-    """Config names, name, version, authors and labels (class names from the configs' ``class_names``)."""
+    """Config names, name, version, authors and labels (``msa2net.bundle_tools.class_table`` of the configs)."""
     from monai.bundle import ConfigParser
 
+    from msa2net.bundle_tools import class_table
     from msa2net.terminology import term_for
 
     names = ["inference"] + (["deploy"] if (bundle / "configs" / "deploy.json").is_file() else [])
@@ -75,14 +76,12 @@ def read_bundle(bundle: Path) -> BundleInfo:
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
     parser.read_config([str(bundle / "configs" / f"{n}.json") for n in names])
     meta = parser.get("_meta_", {})
-    class_names = parser.get("class_names")
-    if not isinstance(class_names, list) or not class_names:
-        raise ValueError(f"{bundle}: the configs ({', '.join(n + '.json' for n in names)}) define no class_names list.")
+    table = class_table(parser, f"{bundle}: the configs ({', '.join(n + '.json' for n in names)})")
     colors = meta.get("label_colors", {})
     labels = []
-    for value, name in enumerate(class_names, 1):
-        term = term_for(str(name), value)
-        labels.append(Label(value, str(name), tuple(colors.get(name) or term.rgb), term.code))
+    for value, name in enumerate(table[1:], 1):
+        term = term_for(name, value)
+        labels.append(Label(value, name, tuple(colors.get(name) or term.rgb), term.code))
     return BundleInfo(
         bundle, names, str(meta.get("name", "MSA2-Net")), str(meta.get("version", "") or "0"),
         str(meta.get("authors", "") or "unknown"), labels, dict(meta),

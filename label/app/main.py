@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 from fastapi import HTTPException
+from monai.bundle import ConfigParser
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -53,6 +54,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
+from msa2net.bundle_tools import class_table
 from msa2net.handlers import atomic_torch_save
 from msa2net.terminology import term_for
 
@@ -116,16 +118,20 @@ def segment_name(class_name: str, index: int) -> str:
     return name[:1].upper() + name[1:]
 
 
-def display_labels(bundle_dir: str) -> Dict[str, int]:
-    """Segment name -> label value, from the bundle metadata's output ``channel_def``."""
-    with open(os.path.join(bundle_dir, "configs", "metadata.json")) as f:
-        metadata = json.load(f)
-    channel_def = next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
-    return {
-        segment_name(name, int(i)): int(i)
-        for i, name in sorted(channel_def.items(), key=lambda kv: int(kv[0]))
-        if name.lower() != "background"
-    }
+def bundle_classes(bundle_dir: str, parser: Optional[ConfigParser] = None) -> List[str]:
+    """Class name of each label value (background first): the ``class_names`` of the bundle's inference.json.
+
+    ``label/serve.py`` writes the profile into inference.json, so this is the profile's class list.
+    """
+    if parser is None:
+        parser = ConfigParser()
+        parser.read_config(os.path.join(bundle_dir, "configs", "inference.json"))
+    return class_table(parser, os.path.join(bundle_dir, "configs", "inference.json"))
+
+
+def display_labels(classes: List[str]) -> Dict[str, int]:
+    """Segment name -> label value of the foreground classes (``bundle_classes``)."""
+    return {segment_name(name, value): value for value, name in enumerate(classes) if value > 0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +200,7 @@ class MSA2NetInferTask(BundleInferTask):
         super().__init__(path, conf, type="segmentation", load_strict=True)
         if not self.valid:
             return
-        self.labels = display_labels(path)
+        self.labels = display_labels(bundle_classes(path, self.bundle_config))
         models = os.path.join(path, "models")
         self.path = [os.path.join(models, SHIPPED_FILE)]
         self._refresh_choices()
@@ -542,8 +548,10 @@ class MSA2NetLabelApp(MONAILabelApp):
         self.upload_roots: List[str] = []
         with open(os.path.join(self.bundle_dir, "configs", "metadata.json")) as f:
             metadata = json.load(f)
-        channel_def = next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
-        self.num_classes = len(channel_def)
+        try:
+            self.num_classes = len(bundle_classes(self.bundle_dir))
+        except ValueError as e:
+            raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, str(e)) from e
         super().__init__(
             app_dir=app_dir,
             studies=studies,
