@@ -64,6 +64,8 @@ def threshold_bundle(tmp_path_factory) -> Path:
         deploy_bundle(
             str(root / "bundle"), str(ckpt), extra_files=[str(Path(__file__).with_name("threshold_net.py"))],
             network_def=THRESHOLD_NET, class_names=CLASS_NAMES,
+            # the net's thresholds are intensities in [0, 1], not the default per-volume z-scores
+            intensity_transforms=[{"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0}],
         )
     )
     # a test network for CT and MR phantoms alike: its bundle declares no modality or body part
