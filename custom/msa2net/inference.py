@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from msa2net.handlers import atomic_write_text
+from msa2net.atomic import atomic_write_text
 
 __all__ = ["list_inputs", "is_dicom_series_dir", "load_weights", "run_inference", "error_line"]
 

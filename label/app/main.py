@@ -52,7 +52,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.config import settings
-from msa2net.handlers import atomic_torch_save
+from msa2net.atomic import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
