@@ -310,5 +310,6 @@ class CpuBackendNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = self.runner()
         with torch.no_grad():
-            out = run(torch.as_tensor(x).detach().float().cpu().contiguous())
+            # a plain tensor: a traced graph or ONNX Runtime has no use for MONAI's metadata
+            out = run(x.as_subclass(torch.Tensor).detach().float().cpu().contiguous())
         return out.to(x.device)
