@@ -191,15 +191,13 @@ class CpuBackendNetwork(nn.Module):
         return self.network.state_dict(*args, **kwargs)
 
     @staticmethod
-    def _parse(name: str) -> tuple[str, OrtSettings | None]:
+    def _parse(name: str) -> tuple[str, str, bool]:
+        """``(kind, ONNX Runtime optimisation level, parallel)`` of a backend name."""
         kind, *options = name.split(":")
         if kind in ("eager", "torchscript") and not options:
-            return kind, None
-        if kind in ("onnxruntime", "onnxruntime_int8"):
-            unknown = [o for o in options if o not in ("basic", "extended", "all", "parallel")]
-            if not unknown:
-                level = next((o for o in options if o != "parallel"), "all")
-                return kind, OrtSettings(threads=0, level=level, parallel="parallel" in options)
+            return kind, "all", False
+        if kind in ("onnxruntime", "onnxruntime_int8") and all(o in ("basic", "extended", "all", "parallel") for o in options):
+            return kind, next((o for o in options if o != "parallel"), "all"), "parallel" in options
         raise ValueError(
             f"unknown CPU backend {name!r}; use 'auto', 'eager', 'torchscript', 'onnxruntime' or 'onnxruntime_int8' "
             "(ONNX Runtime ones may end in ':basic', ':extended', ':all' and ':parallel')."
@@ -214,7 +212,7 @@ class CpuBackendNetwork(nn.Module):
 
     def _build(self, name: str) -> Runner:
         """Build backend ``name`` and check it against the eager network; errors say which backend failed and why."""
-        kind, settings = self._parse(name)
+        kind, level, parallel = self._parse(name)
         if kind == "eager":
             return self.network
         if kind == "torchscript":
@@ -224,12 +222,12 @@ class CpuBackendNetwork(nn.Module):
             path = cached_onnx(self.network, self.input_shape, self.cache_dir, self.digest)
             if kind == "onnxruntime_int8":
                 path = cached_int8(path)
-            runner = OrtRunner(path, OrtSettings(self.threads, settings.level, settings.parallel))
+            runner = OrtRunner(path, OrtSettings(self.threads, level, parallel))
         if kind == "onnxruntime_int8":
-            # INT8 is judged by measured Dice (int8_weights), not by logits; the shape is checked here.
-            out = runner(torch.rand((2, *self.input_shape[1:])))
+            # INT8 is judged by measured Dice (int8_weights), not by logits; shape and finiteness are checked here.
+            x = torch.rand((2, *self.input_shape[1:]))
             with torch.no_grad():
-                want = self.network(torch.rand((2, *self.input_shape[1:])))
+                out, want = runner(x), self.network(x)
             if out.shape != want.shape or not torch.isfinite(out).all():
                 raise RuntimeError(f"{name}: gave shape {tuple(out.shape)} or non-finite logits; eager gives {tuple(want.shape)}.")
         else:
@@ -258,15 +256,21 @@ class CpuBackendNetwork(nn.Module):
         path, key = self._probe_file()
         try:
             cached = json.loads(path.read_text())
-            if cached.get("key") == key and cached.get("selected") in key["candidates"]:
-                self.speeds_ms = cached["ms_per_slice"]
+            selected = cached["selected"] if cached.get("key") == key and cached.get("selected") in key["candidates"] else None
+        except (OSError, ValueError, KeyError, TypeError):
+            selected = None  # no usable cached probe: measure
+        if selected is not None:
+            try:
+                runner = self._build(selected)
+            except Exception as e:  # noqa: BLE001 - the cached choice no longer builds: measure again
+                logger.warning("CPU backend %s (cached choice) left out: %s", selected, " ".join(str(e).split())[:300])
+            else:
+                self.speeds_ms = dict(cached.get("ms_per_slice") or {})
                 logger.info(
                     "CPU backend: %s, %.1f ms/slice at batch %d (probe cached in %s; %s)",
-                    cached["selected"], self.speeds_ms[cached["selected"]], self.probe_batch, path, self._speeds_text(),
+                    selected, self.speeds_ms.get(selected, float("nan")), self.probe_batch, path, self._speeds_text(),
                 )
-                return cached["selected"], self._build(cached["selected"])
-        except (OSError, ValueError, KeyError):
-            pass  # no usable cached probe: measure
+                return selected, runner
         start = time.perf_counter()
         runners, failures = {}, {}
         for name in key["candidates"]:
