@@ -18,6 +18,7 @@ The result files name the processor (``/proc/cpuinfo`` model name) and the date:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -25,7 +26,7 @@ import time
 
 import torch
 
-from common import env_header, env_info, md_table, write_results  # noqa: I001
+from common import ROOT, env_header, env_info, md_table, write_results  # noqa: I001
 from msa2net.backends import CpuBackendNetwork
 from msa2net.inference import load_weights
 from msa2net.networks import create_msa2net
@@ -67,6 +68,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     load_before = os.getloadavg()
+    # the bundle's list of weights whose INT8 Dice was validated, as `auto` reads it
+    int8_weights = json.loads((ROOT / "bundle" / "configs" / "inference_cpu.json").read_text())["cpu_int8_weights"]
     rows, picks = [], []
     for preset in args.presets.split(","):
         torch.manual_seed(0)
@@ -78,7 +81,9 @@ def main() -> None:
         runners, build_s = {}, {}
         for name in args.backends.split(","):
             start = time.perf_counter()
-            runner = CpuBackendNetwork(create_msa2net(preset, 1, args.num_classes), (1, 1, 224, 224), backend=name, cache_dir=cache, threads=threads)
+            runner = CpuBackendNetwork(
+                create_msa2net(preset, 1, args.num_classes), (1, 1, 224, 224), backend=name, cache_dir=cache, threads=threads, int8_weights=int8_weights
+            )
             runner.load_state_dict(state)
             runner.runner()
             runners[name], build_s[name] = runner, time.perf_counter() - start
@@ -98,7 +103,10 @@ def main() -> None:
             })
             print(rows[-1], flush=True)
         if not args.no_auto:
-            auto = CpuBackendNetwork(create_msa2net(preset, 1, args.num_classes), (1, 1, 224, 224), cache_dir=tempfile.mkdtemp(prefix="bench_auto_"), threads=threads)
+            auto = CpuBackendNetwork(
+                create_msa2net(preset, 1, args.num_classes), (1, 1, 224, 224), cache_dir=tempfile.mkdtemp(prefix="bench_auto_"), threads=threads,
+                int8_weights=int8_weights,
+            )
             auto.load_state_dict(state)
             start = time.perf_counter()
             auto.runner()
