@@ -61,6 +61,11 @@ def test_auto_probes_once_per_model_and_leaves_int8_out_unless_validated(tmp_pat
     assert again.selected == net.selected and "probe cached" in caplog.text
     assert len(list((tmp_path / "cache").glob("probe-*.json"))) == 1
 
+    caplog.clear()
+    probe.write_text("{not json")  # a damaged cache entry is measured again, not trusted
+    _backend(tmp_path, candidates=candidates, probe_batch=2, probe_repeats=1)(torch.rand(1, 1, 64, 64))
+    assert "measured in" in caplog.text and json.loads(probe.read_text())["key"] == record["key"]
+
     validated = _backend(tmp_path, candidates=candidates, probe_batch=2, probe_repeats=1, int8_weights=[net.digest])
     validated(torch.rand(1, 1, 64, 64))
     records = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("probe-*.json")]
