@@ -120,4 +120,4 @@ def test_deploy_bundle_folder(checkpoint, tmp_path):
         assert (ts(x) - net(x)).abs().max().item() <= 1e-4
     with pytest.raises(FileExistsError):
         deploy_bundle(str(out), str(ckpt), **OVERRIDES)
-    assert not list(tmp_path.glob(".bundle.*")), "a staging folder was left behind"
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"], "a staging folder was left behind"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msa2net
+from msa2net.atomic import atomic_path
 
 __all__ = [
     "default_bundle_dir",
@@ -78,21 +79,17 @@ def export_bundle(out_dir: str | os.PathLike, bundle_dir: str | os.PathLike | No
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; pass overwrite=True to replace it.")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for part in _BUNDLE_PARTS:
-        path = src / part
-        if path.is_dir():
-            shutil.copytree(path, tmp / part, ignore=shutil.ignore_patterns("*.tmp", "resume_*"))
-        elif path.is_file():
-            shutil.copy2(path, tmp / part)
-    shutil.copytree(
-        Path(msa2net.__file__).resolve().parent, tmp / "msa2net", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out, replace_dir=True) as tmp:
+        tmp.mkdir()
+        for part in _BUNDLE_PARTS:
+            path = src / part
+            if path.is_dir():
+                shutil.copytree(path, tmp / part, ignore=shutil.ignore_patterns("*.tmp", "resume_*", ".partial-*"))
+            elif path.is_file():
+                shutil.copy2(path, tmp / part)
+        shutil.copytree(
+            Path(msa2net.__file__).resolve().parent, tmp / "msa2net", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     return str(out)
 
 

@@ -5,16 +5,18 @@
   Scripting is tried first; MSA2-Net does not script (its CSWin blocks use tensor methods
   TorchScript lacks), so the fallback traces at ``(1, in_channels, *spatial_size)``. While tracing,
   every SACM runs its batch-agnostic ``sum`` form, so the trace runs at any batch size.
-* ``onnx``: ``model.onnx`` through MONAI's ``onnx_export`` (legacy TorchScript-based exporter,
-  which needs no ``onnxscript``), with a dynamic batch axis on input ``image`` and output ``pred``;
-  the metadata and configs are stored in the model's ``metadata_props``.
+* ``onnx``: ``model.onnx`` through :func:`onnx_model` (MONAI's ``convert_to_onnx``, legacy
+  TorchScript-based exporter, which needs no ``onnxscript``), with a dynamic batch axis on input
+  ``image`` and output ``pred``; the metadata and configs are stored in the model's ``metadata_props``.
+  :func:`onnx_model` is also what the CPU backends (:mod:`msa2net.backends`) export with, into their
+  own cache folder: they never write ``models/model.onnx``.
 * ``deploy_bundle``: a stand-alone bundle folder (:func:`msa2net.bundle_tools.export_bundle`) plus
   ``models/model.pt``, ``models/model.ts`` and ``configs/deploy.json`` (profile and overrides, read
   after ``inference.json``): what the MONAI Deploy application in ``deploy/app`` loads.
 
 Every export is checked before it is reported done: the exported model runs at batch sizes other
 than the one it was exported with and matches the eager network's logits within ``atol``
-(defaults 1e-4 TorchScript, 1e-3 ONNX Runtime); a failed check raises and removes the file.
+(defaults 1e-4 TorchScript, 1e-3 ONNX Runtime); a failed check raises and leaves no file.
 
 Command line (``python -m msa2net.export <command> ...``)::
 
@@ -29,10 +31,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,10 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msa2net.atomic import atomic_path, atomic_write_bytes
 from msa2net.bundle_tools import class_table, default_bundle_dir, export_bundle, metadata_with_classes
 from msa2net.inference import load_weights
 
-__all__ = ["torchscript", "onnx", "deploy_bundle", "check_exported", "DEPLOY_CONFIG"]
+__all__ = ["torchscript", "onnx", "onnx_model", "deploy_bundle", "check_exported", "DEPLOY_CONFIG", "ONNX_INPUT", "ONNX_OUTPUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 DEPLOY_CONFIG = "deploy.json"
 #: Batch sizes every export is checked at (it is exported at batch 1).
 CHECK_BATCH_SIZES = (2, 3)
+#: ONNX input and output names and the default opset of every ONNX export.
+ONNX_INPUT, ONNX_OUTPUT, ONNX_OPSET = "image", "pred", 17
 
 
 def _config_paths(bundle_dir: Path, configs: Sequence[str], profile: str | None) -> list[str]:
@@ -206,58 +209,63 @@ def torchscript(
     raise RuntimeError("unreachable")  # pragma: no cover
 
 
+def onnx_model(
+    net: torch.nn.Module, input_shape: Sequence[int], opset: int = ONNX_OPSET, metadata: Mapping[str, str] | None = None, atol: float = 1e-3
+) -> bytes:
+    """The one ONNX exporter: ``net`` traced at ``input_shape`` with a dynamic batch axis, checked, serialised.
+
+    MONAI's ``convert_to_onnx`` traces with the legacy TorchScript-based exporter (which needs no
+    ``onnxscript``). Input ``image`` ``(batch, C, H, W)``, output ``pred`` ``(batch, num_classes, H, W)``;
+    ``C, H, W`` are fixed at ``input_shape``. ``metadata`` goes into the model's ``metadata_props``.
+    The model is checked with ONNX Runtime against the eager network at batch sizes
+    :data:`CHECK_BATCH_SIZES` (``AssertionError`` beyond ``atol``) before its bytes are returned.
+    """
+    import onnxruntime as ort
+    from monai.networks import convert_to_onnx
+
+    model = convert_to_onnx(
+        net.eval(),
+        [torch.rand(tuple(input_shape))],
+        input_names=[ONNX_INPUT],
+        output_names=[ONNX_OUTPUT],
+        opset_version=int(opset),
+        dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+        use_trace=True,
+        dynamo=False,
+    )
+    for k, v in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    blob = model.SerializeToString()
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    check_exported(lambda x: session.run(None, {ONNX_INPUT: x.numpy()})[0], net, input_shape, atol)
+    return blob
+
+
 def onnx(
     ckpt: str,
     out: str | None = None,
     bundle_dir: str | None = None,
     configs: Sequence[str] = ("inference.json",),
     profile: str | None = None,
-    opset: int = 17,
+    opset: int = ONNX_OPSET,
     atol: float = 1e-3,
     **overrides,
 ) -> str:
-    """Export ``ckpt`` to ONNX with a dynamic batch axis through MONAI's ``onnx_export``; returns the path.
+    """Export ``ckpt`` to ONNX with :func:`onnx_model`; returns the written path.
 
-    Input ``image`` ``(batch, in_channels, H, W)``, output ``pred`` ``(batch, num_classes, H, W)``;
     ``H, W`` are fixed at the config's ``spatial_size``. The bundle metadata and configs are stored in
-    ``metadata_props`` (keys ``metadata.json`` and each config file's name). Checked with ONNX Runtime.
+    ``metadata_props`` (keys ``metadata.json`` and each config file's name). The file is written only
+    after the check passed, under a temporary name that is then renamed.
     """
-    import onnx as onnx_lib
-    import onnxruntime as ort
-    from monai.bundle import onnx_export
-
-    bundle, files, out_path, key = _export_paths(ckpt, out, bundle_dir, configs, profile, "model.onnx")
+    bundle, files, out_path, _ = _export_paths(ckpt, out, bundle_dir, configs, profile, "model.onnx")
     with _importable(bundle):
         parser = _parser(bundle, files, overrides)
-        shape = _input_shape(parser)
-        net = _eager_network(parser, ckpt)
-        converter_kwargs = {
-            "dynamo": False,
-            "input_names": ["image"],
-            "output_names": ["pred"],
-            "dynamic_axes": {"image": {0: "batch"}, "pred": {0: "batch"}},
-            "opset_version": int(opset),
-        }
-        try:
-            onnx_export(
-                use_trace=True,
-                input_shape=list(shape),
-                converter_kwargs=converter_kwargs,
-                **_export_kwargs(bundle, files, out_path, ckpt, key, overrides),
-            )
-            model = onnx_lib.load(str(out_path))
-            props = {"metadata.json": json.dumps(parser.get("_meta_"))}
-            props.update({Path(f).name: Path(f).read_text() for f in files})
-            for k, v in props.items():
-                entry = model.metadata_props.add()
-                entry.key, entry.value = k, v
-            onnx_lib.save(model, str(out_path))
-            session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
-            diff = check_exported(lambda x: session.run(None, {"image": x.numpy()})[0], net, shape, atol)
-        except Exception:
-            out_path.unlink(missing_ok=True)
-            raise
-    logger.info("ONNX (opset %d) written to %s; max |diff| vs eager at batch %s: %.2g", opset, out_path, CHECK_BATCH_SIZES, diff)
+        props = {"metadata.json": json.dumps(parser.get("_meta_"))}
+        props.update({Path(f).name: Path(f).read_text() for f in files})
+        blob = onnx_model(_eager_network(parser, ckpt), _input_shape(parser), opset, props, atol)
+    atomic_write_bytes(out_path, blob)
+    logger.info("ONNX (opset %d) written to %s; checked against eager at batch %s within %g", opset, out_path, CHECK_BATCH_SIZES, atol)
     return str(out_path)
 
 
@@ -282,9 +290,8 @@ def deploy_bundle(
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; pass overwrite=True to replace it.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
-        staged = Path(export_bundle(tmp / "bundle", src))
+    with atomic_path(out, replace_dir=True) as staged:
+        export_bundle(staged, src)
         for f in extra_files:
             shutil.copy2(f, staged / Path(f).name)
         deploy = json.loads((src / "configs" / profile).read_text()) if profile else {}
@@ -301,12 +308,6 @@ def deploy_bundle(
             (staged / "models" / stale).unlink(missing_ok=True)
         shutil.copy2(ckpt, staged / "models" / "model.pt")
         torchscript(str(staged / "models" / "model.pt"), bundle_dir=str(staged), configs=("inference.json", DEPLOY_CONFIG))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("deploy bundle written to %s", out)
     return str(out)
 

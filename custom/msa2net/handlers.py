@@ -17,21 +17,13 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from ignite.metrics import RunningAverage
 
+from msa2net.atomic import atomic_torch_save, atomic_write_text
 from msa2net.weights import describe_mismatch
 
 __all__ = [
     "MetricSummaryWriter", "TrainingLogWriter", "per_class_means", "EpochProgressBar", "BestMetricState",
-    "BestModelSaver", "ResumeCheckpoint", "ResumeMismatchError", "atomic_write_text",
+    "BestModelSaver", "ResumeCheckpoint", "ResumeMismatchError",
 ]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so no half-written file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _finite_mean(values: np.ndarray) -> float | None:
@@ -202,18 +194,6 @@ class EpochProgressBar:
 
 def _is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temporary file and a rename: a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

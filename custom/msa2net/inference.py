@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from monai.data import Dataset
 
-from msa2net.handlers import atomic_write_text
+from msa2net.atomic import atomic_write_text
 from msa2net.weights import describe_mismatch
 
 __all__ = [

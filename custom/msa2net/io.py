@@ -9,7 +9,7 @@
   default ``dtype`` turns into float32 anyway). Values, shape, affine and metadata are otherwise those
   of ``NibabelReader``; anything it does not cover (GPU loading, keyword arguments to ``nib.load``,
   big-endian or non-numeric data) goes to ``NibabelReader`` unchanged.
-* Writers write under a temporary name, then rename. :class:`AtomicNibabelWriter` also lays the voxels
+* Writers write under a temporary name, then rename (:func:`msa2net.atomic.atomic_path`). :class:`AtomicNibabelWriter` also lays the voxels
   out in Fortran order with torch before nibabel serialises them, and compresses ``.nii.gz`` in one
   call (level 1, nibabel's default).
 """
@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import warnings
 import zlib
 from pathlib import Path
@@ -33,6 +32,8 @@ from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import LoadImaged
 from monai.utils import ensure_tuple
 from nibabel.arrayproxy import ArrayProxy
+
+from msa2net.atomic import atomic_path
 
 try:  # optional: python-isal (Intel ISA-L) decompresses and compresses gzip several times faster
     from isal import igzip as _gzip
@@ -125,14 +126,8 @@ def load_imaged(keys, **kwargs) -> LoadImaged:
 
 class _AtomicWrite:
     def write(self, filename, verbose: bool = False, **kwargs) -> None:
-        path = Path(filename)
-        # keep the real extension at the end so the backend picks the same format
-        tmp = path.with_name(f".partial-{path.name}")
-        try:
+        with atomic_path(filename) as tmp:
             super().write(str(tmp), verbose=verbose, **kwargs)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def _fortran_ordered(data, dtype) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from msa2net.bundle_tools import config_files, default_bundle_dir
-from msa2net.handlers import atomic_torch_save
+from msa2net.atomic import atomic_torch_save
 from msa2net.inference import error_line, load_weights
 
 __all__ = ["publish"]

@@ -54,8 +54,9 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
+
+from msa2net.atomic import atomic_torch_save
 from msa2net.bundle_tools import class_table
-from msa2net.handlers import atomic_torch_save
 from msa2net.terminology import term_for
 
 # MONAI Label loads main.py by file path; its sibling modules are found through the app folder.

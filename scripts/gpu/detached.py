@@ -41,7 +41,7 @@ from pathlib import Path
 
 from run_jobs import THRESHOLDS, config_list, environment, read_curve
 
-from msa2net.handlers import atomic_write_text
+from msa2net.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundle"

@@ -38,7 +38,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from msa2net.handlers import atomic_write_text
+from msa2net.atomic import atomic_write_text
 
 T0 = time.time()
 ROOT = Path(__file__).resolve().parents[2]
