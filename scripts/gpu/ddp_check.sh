@@ -2,7 +2,7 @@
 # Data-parallel check of multi_gpu_train.json on one host: the same ACDC training on 1 GPU and on N GPUs
 # (torchrun, DDP over NCCL), same global batch and epochs; writes each run's training_log.csv and
 # ddp_check.json (slices/s from the epochs without validation, final validation Dice) into OUT_DIR.
-# From the repository root, after the stage prefix of `../shared/gpu/stage.sh acdc` and
+# From the repository root, with monai, nibabel, pytorch-ignite and fire installed, the ACDC data under .gpudata/acdc and
 #   export PYTHONPATH=$PWD/custom:$PYTHONPATH
 # GRAPHS=1: both runs from CUDA graphs (gpu_train.json's default on one GPU; multi_gpu_cuda_graphs.json on N).
 # Usage: bash scripts/gpu/ddp_check.sh OUT_DIR [EPOCHS] [GPUS] [PRESET] [GLOBAL_BATCH] [GRAPHS]

@@ -8,7 +8,7 @@ training logs and, for the runs named, the latest weights in float16, split into
 (``start --init_parts``: a warm restart from the weights, with a new optimiser and schedule).
 
 Run from the repository root on the device machine, after the stage prefix
-(``../shared/gpu/stage.sh acdc``) and ``export PYTHONPATH=$PWD/custom:$PYTHONPATH``::
+(monai, nibabel, pytorch-ignite and fire installed where the image lacks them; the data set under ``.gpudata/acdc``) and ``export PYTHONPATH=$PWD/custom:$PYTHONPATH``::
 
     python3 scripts/gpu/detached.py start --name acdc_base --gpu 0 --dataset_dir .gpudata/acdc \\
         --profile acdc --budget_s 1100 -- --model_preset base

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the GPU benchmarks of benchmarks/ (and the CUDA-only tests) in one device call; results go to OUT_DIR.
-# From the repository root, after the stage prefix of `../shared/gpu/stage.sh acdc` and
+# From the repository root, with monai, nibabel, pytorch-ignite and fire installed, the ACDC data under .gpudata/acdc and
 #   export PYTHONPATH=$PWD/custom:$PYTHONPATH
 # Usage: bash scripts/gpu/run_benchmarks.sh OUT_DIR
 set -u

@@ -9,7 +9,7 @@ queue run one after another; queues ``3`` and ``3b`` share GPU 3 at the same tim
 job's best checkpoint is evaluated (``evaluating``, float32, no autocast).
 
 Run from the repository root on the device machine after the stage prefix
-(``../shared/gpu/stage.sh acdc`` here) and ``export PYTHONPATH=$PWD/custom:$PYTHONPATH``::
+(monai, nibabel, pytorch-ignite and fire installed where the image lacks them; the data set under ``.gpudata/acdc``) and ``export PYTHONPATH=$PWD/custom:$PYTHONPATH``::
 
     python3 scripts/gpu/run_jobs.py --out $OUT --dataset_dir .gpudata/acdc --profile acdc --deadline_s 540 \\
         --job "paper_full@0=--model_preset paper" --job "basic_unet@1=+configs/baselines/basic_unet.json"
