@@ -16,11 +16,11 @@ import argparse
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from msa2net.atomic import atomic_write_bytes
 from msa2net.networks import create_msa2net
 
 
@@ -72,9 +72,7 @@ def main() -> None:
         raise SystemExit(f"{size_mb:.1f} MB exceeds {args.max_mb} MB")
     dest = Path(args.dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, dest)
+    atomic_write_bytes(dest, blob)
     dtypes = sorted({str(v.dtype) for v in ckpt["model"].values()})
     print(json.dumps({"dest": str(dest), "bytes": len(blob), "MB": round(size_mb, 2), "MiB": round(len(blob) / 2**20, 2), "sha256": digest,
                       "sha256_matches_device": expected == digest, "tensors": len(ckpt["model"]), "dtypes": dtypes,
