@@ -153,9 +153,13 @@ def test_documented_commands_run_as_written_from_another_folder(tmp_path):
     trained = torch.load(run / "models" / "model.pt", weights_only=True)["model"]
     assert published.keys() == trained.keys() and all(published[k].dtype == torch.float16 for k in published if trained[k].is_floating_point())
     # MONAI's ckpt_export wrote a TorchScript module that computes what the shipped weights compute
+    from monai.bundle import ConfigParser
+
     from msa2net.networks import create_msa2net
 
-    net = create_msa2net("base", in_channels=1, num_classes=4).eval()
+    shipped = ConfigParser()
+    shipped.read_config(str(BUNDLE / "configs" / "inference.json"))
+    net = create_msa2net(shipped.get("model_preset"), in_channels=1, num_classes=4).eval()
     net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", weights_only=True)["model"])
     x = torch.rand(1, 1, 224, 224)
     with torch.no_grad():
