@@ -123,7 +123,7 @@ def test_documented_commands_run_as_written_from_another_folder(tmp_path):
     shutil.copy(acdc / case["image"], new_cases / "patient_a.nii.gz")
     shutil.copy(acdc / case["label"], new_cases / "patient_a_gt.nii.gz")
     # the model card's GPU run is stood in for by the README's run
-    places = {"/data/acdc": str(acdc), "/data/new_cases": str(new_cases), "/data/seg": "seg", "runs/acdc_base": "runs/acdc"}
+    places = {"/data/acdc": str(acdc), "/data/new_cases": str(new_cases), "/data/seg": "seg", "runs/acdc_paper": "runs/acdc"}
     shipped = _digest(BUNDLE / "models")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "custom"), os.environ.get("PYTHONPATH", "")])}
     ran = []
