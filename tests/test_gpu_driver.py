@@ -56,7 +56,8 @@ def test_parts_join_to_the_recorded_weights_and_a_fresh_run_continues_from_them(
     # warm restart on a "fresh host": a new work folder, weights from the parts only
     driver("start", "--name", "second", "--budget_s", "5", "--init_parts", str(out), "--init_stem", package["stem"],
            *[a if a != str(tmp / "work") else str(tmp / "work2") for a in common], *bundle_args)
-    driver("watch", "--work", str(tmp / "work2"), "--out", str(tmp / "out2"), "--wait_s", "300")
+    driver("watch", "--work", str(tmp / "work2"), "--out", str(tmp / "out2"), "--wait_s", "300", "--evaluate")
     second = json.loads((tmp / "out2" / "status.json").read_text())["runs"]["second"]
     assert "--init_ckpt" in second["overrides"] and second["epochs_done"] >= 1
+    assert second["evaluations"]["final"]["num_cases"] == 1  # evaluated without the training-only --init_ckpt
     assert "Traceback" not in "\n".join(second["log_tail"])

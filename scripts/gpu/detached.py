@@ -79,12 +79,13 @@ def start(args: argparse.Namespace) -> None:
     configs = ["configs/train.json", f"configs/profiles/{args.profile}.json", "configs/gpu_train.json"]
     configs += [a[1:] for a in extra if a.startswith("+")]
     overrides = [a for a in extra if not a.startswith("+")]
+    dataset_dir = str(Path(args.dataset_dir).resolve())
     if args.init_parts:
         (run / "init.pt").write_bytes(join_parts(Path(args.init_parts), args.init_stem))
         overrides += ["--init_ckpt", str(run / "init.pt")]
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config_list(configs),
-        "--dataset_dir", str(Path(args.dataset_dir).resolve()), "--ckpt_dir", str(run / "models"),
+        "--dataset_dir", dataset_dir, "--ckpt_dir", str(run / "models"),
         "--output_dir", str(run / "eval"), "--time_budget_s", str(args.budget_s), *overrides,
     ]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=args.gpu, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(args.threads))
@@ -92,7 +93,7 @@ def start(args: argparse.Namespace) -> None:
         proc = subprocess.Popen(cmd, cwd=BUNDLE, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     job = {
         "name": args.name, "gpu": args.gpu, "pid": proc.pid, "started": time.time(), "budget_s": args.budget_s,
-        "profile": args.profile, "configs": configs, "overrides": overrides,
+        "profile": args.profile, "dataset_dir": dataset_dir, "configs": configs, "overrides": overrides,
         "command": "python -m monai.bundle run training " + shlex.join(cmd[5:]), "init_parts": args.init_parts,
     }
     atomic_write_text(run / "job.json", json.dumps(job, indent=1))
@@ -126,7 +127,9 @@ def evaluate(run: Path, job: dict, which: str, dataset_dir: str) -> dict:
         return {"error": f"{ckpt.name} not written"}
     configs = [job["configs"][0], "configs/evaluate.json", *job["configs"][1:]]
     configs = [c for c in configs if c != "configs/gpu_train.json"]
-    overrides = [a for a in job["overrides"] if a not in ("--init_ckpt",) and not a.endswith("init.pt")]
+    # the starting weights are training's business: drop --init_ckpt and its value, whatever the path
+    args = job["overrides"]
+    overrides = [a for i, a in enumerate(args) if a != "--init_ckpt" and (i == 0 or args[i - 1] != "--init_ckpt")]
     out = run / f"evaluate_{which}"
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", config_list(configs),
@@ -177,7 +180,7 @@ def watch(args: argparse.Namespace) -> None:
     if args.evaluate:  # all at once: each evaluation is mostly process start-up and data loading
         ended = [(run, status["runs"][run.name]) for run in runs if not status["runs"][run.name]["alive"]]
         with ThreadPoolExecutor(max_workers=2 * len(ended) or 1) as pool:
-            futures = {(run.name, w): pool.submit(evaluate, run, st, w, dataset_of(st)) for run, st in ended for w in ("best", "final")}
+            futures = {(run.name, w): pool.submit(evaluate, run, st, w, st["dataset_dir"]) for run, st in ended for w in ("best", "final")}
         for (name, w), fut in futures.items():
             status["runs"][name].setdefault("evaluations", {})[w] = fut.result()
     atomic_write_text(out / "status.json", json.dumps(status, indent=1))
@@ -188,11 +191,6 @@ def watch(args: argparse.Namespace) -> None:
     for name, st in status["runs"].items():
         print(f"{name}: alive={st['alive']} epochs={st['epochs_done']} trainer_s={st['trainer_s']} best={st['best_val']} "
               f"evals={json.dumps(st.get('evaluations', {}))[:400]}", flush=True)
-
-
-def dataset_of(job: dict) -> str:
-    cmd = shlex.split(job["command"])
-    return cmd[cmd.index("--dataset_dir") + 1]
 
 
 def main() -> None:
