@@ -3,7 +3,7 @@ SwinUNETR (2D) and BasicUNet (2D).
 
 Same run, same card, same batch (default 64), 1 input channel, 9 output classes (Synapse-sized head), slices of
 the bundle's ``spatial_size`` (``inference.json``; ``--spatial_size`` to change). Networks are named
-``msa2net_<preset>`` for any registered preset and by file name for ``bundle/configs/baselines/*.json``, built as
+``msa2net_<preset>`` for any registered preset and by file name for ``bundle/configs/baseline_*.json``, built as
 the bundle builds them:
 
 * slices/s for forward only (eval, no grad) and forward+backward (train mode, mean of the logits as loss),

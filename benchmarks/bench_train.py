@@ -4,7 +4,7 @@ Same run, same training step as the bundle (DiceCE 0.5/0.5, SGD momentum 0.9, au
 GradScaler, the loss read back each step as TrainingLogWriter does), same batch:
 
 * ``network_alone``: a fixed random batch already on the device;
-* ``gpu_loader``: batches from ``train#dataloader`` of ``train.json + profiles/acdc.json + gpu_train.json``
+* ``gpu_loader``: batches from ``train#dataloader`` of ``train.json + profile_acdc.json + gpu_train.json``
   (:class:`msa2net.data.gpu_loader.GPUSliceLoader` over the real ACDC CacheDataset, augmented on the device);
 * ``cpu_loader_only``: the slices/s that ``train.json``'s own CPU DataLoader (per-sample random crops and
   augmentation in worker processes) can deliver, with no network, for comparison.
@@ -98,7 +98,7 @@ def main() -> None:
     if args.batch:
         over["batch_size"] = args.batch
     t = time.perf_counter()
-    gp = parse_bundle(["train.json", "profiles/acdc.json", "gpu_train.json"], args.dataset_dir, **over)
+    gp = parse_bundle(["train.json", "profile_acdc.json", "gpu_train.json"], args.dataset_dir, **over)
     loader = gp.get_parsed_content("train#dataloader")
     build_s = time.perf_counter() - t
     batch = loader.batch_size
@@ -130,7 +130,7 @@ def main() -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     gpu_loader_only = n / (time.perf_counter() - t)
-    cp = parse_bundle(["train.json", "profiles/acdc.json"], args.dataset_dir)
+    cp = parse_bundle(["train.json", "profile_acdc.json"], args.dataset_dir)
     cpu_loader = cp.get_parsed_content("train#dataloader")
     it = iter(cpu_loader)
     next(it)  # workers started

@@ -29,7 +29,7 @@ MSA2NET = "msa2net_"
 
 def bundle_spatial_size(*overrides: str) -> list[int]:
     """The in-plane slice size the bundle runs at: ``spatial_size`` of ``inference.json`` (plus override files,
-    e.g. ``profiles/kvasir.json``, relative to ``bundle/configs``)."""
+    e.g. ``profile_kvasir.json``, relative to ``bundle/configs``)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -39,8 +39,8 @@ def bundle_spatial_size(*overrides: str) -> list[int]:
 
 def network_names() -> list[str]:
     """Every network a benchmark can build: ``msa2net_<preset>`` for each registered preset, then the bundle's
-    baselines by file name (``bundle/configs/baselines/<name>.json``)."""
-    baselines = sorted(p.stem for p in (BUNDLE / "configs" / "baselines").glob("*.json"))
+    baselines by file name (``bundle/configs/baseline_<name>.json``)."""
+    baselines = sorted(p.stem.removeprefix("baseline_") for p in (BUNDLE / "configs").glob("baseline_*.json"))
     return [MSA2NET + p for p in list_presets()] + baselines
 
 
@@ -48,7 +48,7 @@ def build_network(name: str, in_channels: int, num_classes: int, **overrides) ->
     """The network ``name`` (see :func:`network_names`) as the bundle builds it; ``overrides`` go to MSA2-Net only."""
     if name.startswith(MSA2NET):
         return create_msa2net(name[len(MSA2NET) :], in_channels=in_channels, num_classes=num_classes, **overrides)
-    path = BUNDLE / "configs" / "baselines" / f"{name}.json"
+    path = BUNDLE / "configs" / f"baseline_{name}.json"
     if not path.is_file():
         raise ValueError(f"unknown network {name!r}; choose one of {network_names()}.")
     if overrides:

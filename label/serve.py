@@ -39,7 +39,7 @@ __all__ = ["apply_profile", "prepare_bundle", "server_command", "main"]
 
 
 def apply_profile(bundle_dir: str | os.PathLike, profile: str | None = None, overrides: dict | None = None) -> dict:
-    """Write ``configs/profiles/<profile>.json`` (then ``overrides``) into the bundle's inference.json and train.json.
+    """Write ``configs/profile_<profile>.json`` (then ``overrides``) into the bundle's inference.json and train.json.
 
     MONAI Label reads ``configs/inference.json`` and ``configs/train.json`` alone (it cannot add a
     profile file on the command line as ``monai.bundle run`` can), so the profile's ids are written
@@ -54,9 +54,9 @@ def apply_profile(bundle_dir: str | os.PathLike, profile: str | None = None, ove
     configs = Path(bundle_dir) / "configs"
     values: dict = {}
     if profile:
-        profile_file = configs / "profiles" / f"{profile}.json"
+        profile_file = configs / f"profile_{profile}.json"
         if not profile_file.is_file():
-            names = sorted(p.stem for p in (configs / "profiles").glob("*.json"))
+            names = sorted(p.stem.removeprefix("profile_") for p in configs.glob("profile_*.json"))
             raise FileNotFoundError(f"{profile_file}: no such profile; choose one of {names}.")
         values.update(json.loads(profile_file.read_text()))
     values.update(overrides or {})

@@ -42,7 +42,7 @@ def _cli_value(text: str):
 def build(job: dict, profile: str) -> torch.nn.Module:
     """The job's ``network_def`` from the configs its training used, with its ``--key value`` overrides."""
     parser = ConfigParser()
-    configs = ["configs/train.json", f"configs/profiles/{profile}.json", *job["configs"]]
+    configs = ["configs/train.json", f"configs/profile_{profile}.json", *job["configs"]]
     parser.read_config([str(BUNDLE / c) for c in configs])
     for key, value in zip(job["args"][::2], job["args"][1::2]):
         parser[key.lstrip("-")] = _cli_value(value)

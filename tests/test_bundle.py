@@ -64,13 +64,13 @@ def test_baseline_configs_train_and_evaluate_through_the_bundle(baseline, volume
     common = ["--dataset_dir", str(volume_dataset), *SYNTHETIC, "--num_workers", "0", "--ckpt_dir", str(tmp_path / "m")]
     small = ["--network_def#feature_size", "12"] if baseline == "swin_unetr" else []
     bundle_cmd(
-        "training", ["train.json", "adamw.json", "gpu_train.json", f"baselines/{baseline}.json"], *common, *small,
+        "training", ["train.json", "adamw.json", "gpu_train.json", f"baseline_{baseline}.json"], *common, *small,
         "--max_epochs", "1", "--val_interval", "1", "--batch_size", "4", "--output_dir", str(tmp_path / "e"),
     )
     state = torch.load(tmp_path / "m" / "model.pt", weights_only=True)["model"]
     assert not any(k.startswith("encoder.") for k in state), "a MONAI network, not MSA2-Net, was trained"
     bundle_cmd(
-        "evaluating", ["train.json", "evaluate.json", f"baselines/{baseline}.json"], *common, *small,
+        "evaluating", ["train.json", "evaluate.json", f"baseline_{baseline}.json"], *common, *small,
         "--output_dir", str(tmp_path / "v"), "--amp", "False",
     )
     summary = json.loads((tmp_path / "v" / "metrics_summary.json").read_text())
@@ -157,7 +157,7 @@ def test_evaluating_writes_per_case_csv_and_mean_json(trained_tiny, volume_datas
 
 def test_2d_rgb_profile_trains_and_segments_png(rgb_dataset, tmp_path):
     bundle_cmd(
-        "training", ["train.json", "profiles/kvasir.json"], "--dataset_dir", str(rgb_dataset), "--model_preset", "tiny",
+        "training", ["train.json", "profile_kvasir.json"], "--dataset_dir", str(rgb_dataset), "--model_preset", "tiny",
         "--spatial_size", "[64,64]", "--max_epochs", "1", "--num_workers", "0", "--batch_size", "2", "--val_interval", "1",
         "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "e"),
     )
@@ -165,7 +165,7 @@ def test_2d_rgb_profile_trains_and_segments_png(rgb_dataset, tmp_path):
     inputs.mkdir()
     shutil.copy(rgb_dataset / "images" / "case_004.png", inputs)
     bundle_cmd(
-        "inference", ["inference.json", "profiles/kvasir.json"], "--dataset_dir", str(inputs), "--model_preset", "tiny",
+        "inference", ["inference.json", "profile_kvasir.json"], "--dataset_dir", str(inputs), "--model_preset", "tiny",
         "--spatial_size", "[64,64]", "--ckpt_path", str(tmp_path / "m" / "model.pt"), "--output_dir", str(tmp_path / "o"),
     )
     src, seg = Image.open(inputs / "case_004.png"), Image.open(tmp_path / "o" / "case_004_seg.png")

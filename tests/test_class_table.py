@@ -13,13 +13,13 @@ from conftest import BUNDLE, ROOT
 from msa2net.bundle_tools import class_table, metadata_with_classes
 
 CONFIGS = BUNDLE / "configs"
-PROFILES = sorted(p.stem for p in (CONFIGS / "profiles").glob("*.json"))
+PROFILES = sorted(p.stem.removeprefix("profile_") for p in CONFIGS.glob("profile_*.json"))
 #: The bundle's default task: train.json, inference.json and metadata.json state this profile's classes.
 DEFAULT_PROFILE = "acdc"
 
 
 def _profile(name: str) -> dict:
-    return json.loads((CONFIGS / "profiles" / f"{name}.json").read_text())
+    return json.loads((CONFIGS / f"profile_{name}.json").read_text())
 
 
 def _parser(*files) -> ConfigParser:
@@ -39,7 +39,7 @@ def test_metadata_class_fields_are_the_default_profiles():
     profile = _profile(DEFAULT_PROFILE)
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     derived = metadata_with_classes(meta, profile["class_names"], profile["in_channels"])
-    assert meta == derived, f"metadata.json's class fields differ from profiles/{DEFAULT_PROFILE}.json's class_names"
+    assert meta == derived, f"metadata.json's class fields differ from profile_{DEFAULT_PROFILE}.json's class_names"
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert list(pred["channel_def"].values()) == ["background", *profile["class_names"]]
     assert meta["label_classes"] == "0 background, 1 right ventricle, 2 myocardium, 3 left ventricle"
@@ -50,7 +50,7 @@ def test_configs_default_to_the_default_profiles_classes(config):
     parser = _parser(CONFIGS / config)
     table = class_table(parser)
     assert table == ["background", *_profile(DEFAULT_PROFILE)["class_names"]], (
-        f"{config}'s class_names differ from profiles/{DEFAULT_PROFILE}.json's"
+        f"{config}'s class_names differ from profile_{DEFAULT_PROFILE}.json's"
     )
     assert parser.get_parsed_content("num_classes") == len(table)
 
@@ -58,7 +58,7 @@ def test_configs_default_to_the_default_profiles_classes(config):
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("config", ["train.json", "inference.json"])
 def test_a_profile_on_top_of_a_config_sets_its_classes(config, profile):
-    parser = _parser(CONFIGS / config, CONFIGS / "profiles" / f"{profile}.json")
+    parser = _parser(CONFIGS / config, CONFIGS / f"profile_{profile}.json")
     table = class_table(parser)
     assert table == ["background", *_profile(profile)["class_names"]]
     assert parser.get_parsed_content("num_classes") == len(table)

@@ -71,7 +71,7 @@ def test_multi_gpu_cuda_graphs_config_stack_resolves(volume_dataset, monkeypatch
         monkeypatch.setenv(key, value)
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        files = ["train.json", "profiles/synthetic.json", "adamw.json", "multi_gpu_train.json", "gpu_train.json", "multi_gpu_cuda_graphs.json"]
+        files = ["train.json", "profile_synthetic.json", "adamw.json", "multi_gpu_train.json", "gpu_train.json", "multi_gpu_cuda_graphs.json"]
         parser = ConfigParser()
         parser.read_config([str(BUNDLE / "configs" / f) for f in files])
         parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(volume_dataset), "device": "$torch.device('cpu')", "num_workers": 0})

@@ -26,7 +26,7 @@ from msa2net.networks import create_msa2net
 #: The README's training command with the synthetic profile, as small as it gets.
 README_TRAINING = [
     "-m", "monai.bundle", "run", "training", "--config_file",
-    f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/profiles/synthetic.json']",
+    f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/profile_synthetic.json']",
     "--dataset_dir", "data", "--output_dir", "runs/first", "--spatial_size", "[64,64]", "--max_epochs", "1",
     "--val_interval", "1", "--batch_size", "4", "--slices_per_volume", "2",
 ]

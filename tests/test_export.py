@@ -102,7 +102,7 @@ def test_failed_exports_raise_and_leave_no_file(checkpoint, tmp_path):
         torchscript(str(ckpt), out=str(out), mode="script", **OVERRIDES)
     assert not out.exists()
     with pytest.raises(FileNotFoundError, match="bundle config not found"):
-        torchscript(str(ckpt), out=str(out), profile="profiles/no_such_profile.json", **OVERRIDES)
+        torchscript(str(ckpt), out=str(out), profile="profile_no_such_profile.json", **OVERRIDES)
 
 
 def test_deploy_bundle_folder(checkpoint, tmp_path):

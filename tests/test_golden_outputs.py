@@ -20,10 +20,10 @@ CONFIGS = ROOT / "bundle" / "configs"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 #: Config stacks users run (README, model card); each is compared as merged, before any expression is evaluated.
 STACKS = {
-    "train_acdc_gpu": ["train.json", "profiles/acdc.json", "gpu_train.json"],
-    "evaluate_acdc": ["train.json", "evaluate.json", "profiles/acdc.json"],
+    "train_acdc_gpu": ["train.json", "profile_acdc.json", "gpu_train.json"],
+    "evaluate_acdc": ["train.json", "evaluate.json", "profile_acdc.json"],
     "inference": ["inference.json"],
-    "inference_kvasir_tta": ["inference.json", "profiles/kvasir.json", "tta.json"],
+    "inference_kvasir_tta": ["inference.json", "profile_kvasir.json", "tta.json"],
 }
 
 

@@ -179,7 +179,7 @@ def test_bundle_override_swaps_the_train_loader(tmp_path):
 
     make_volume_dataset(tmp_path / "data", num_cases=4, shape=(40, 40, 6), num_validation=1)
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / f) for f in ("train.json", "profiles/synthetic.json", "gpu_train.json")])
+    parser.read_config([str(BUNDLE / "configs" / f) for f in ("train.json", "profile_synthetic.json", "gpu_train.json")])
     parser.update(
         {
             "bundle_root": str(BUNDLE),

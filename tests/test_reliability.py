@@ -265,7 +265,7 @@ def test_datalist_paths_cannot_escape_the_dataset_root(tmp_path):
 
 
 def _train_cmd(dataset, run_dir, epochs):
-    config = "['configs/train.json','configs/profiles/synthetic.json']"
+    config = "['configs/train.json','configs/profile_synthetic.json']"
     return [
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config, "--dataset_dir", str(dataset),
         "--spatial_size", "[64,64]", "--max_epochs", str(epochs), "--val_interval", "1", "--slices_per_volume", "4",
@@ -316,7 +316,7 @@ def test_same_seed_same_metrics_on_cpu(volume_dataset, tmp_path):
 def test_volume_given_to_the_2d_pipeline_is_refused(trained_tiny, volume_dataset, tmp_path):
     volume = volume_dataset / "imagesTr" / "case_001.nii.gz"
     proc = bundle_cmd(
-        "inference", ["inference.json", "profiles/kvasir.json"], "--dataset_dir", str(volume), "--model_preset", "tiny",
+        "inference", ["inference.json", "profile_kvasir.json"], "--dataset_dir", str(volume), "--model_preset", "tiny",
         "--in_channels", "1", "--class_names", "['organ_1','organ_2']", "--output_dir", str(tmp_path), "--ckpt_path", str(trained_tiny / "models" / "model.pt"),
         "--spatial_size", "[64,64]", check=False,
     )

@@ -20,7 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 def bundle_resize(profile: str):
     """The image resize of the bundle (train.json + profile), as training, validation and inference apply it."""
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "profiles" / f"{profile}.json")])
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / f"profile_{profile}.json")])
     return parser.get_parsed_content("resize_transforms")[0]
 
 

@@ -1,7 +1,7 @@
 """Locating the bundle, running its workflows in-process, exporting a stand-alone bundle folder, and its class table.
 
-The classes are stated once per task: the ``class_names`` of a profile (``configs/profiles/<task>.json``).
-``train.json``, ``inference.json`` and ``metadata.json`` carry ``profiles/acdc.json``'s as the default, since
+The classes are stated once per task: the ``class_names`` of a profile (``configs/profile_<task>.json``).
+``train.json``, ``inference.json`` and ``metadata.json`` carry ``profile_acdc.json``'s as the default, since
 a bundle config cannot include another file; ``tests/test_class_table.py`` fails when they differ.
 ``num_classes`` is derived from ``class_names`` in the configs, the metadata's class fields by
 :func:`metadata_with_classes`, and MONAI Label and the Deploy app read it through :func:`class_table`.

@@ -20,7 +20,7 @@ from msa2net.data.synthetic import make_volume_dataset
 
 __all__ = ["run_demo"]
 
-PROFILE = "profiles/synthetic.json"
+PROFILE = "profile_synthetic.json"
 #: The demo fails below this mean validation Dice: a model that does not learn is a bug.
 MIN_DICE = 0.80
 #: Training time budget of the demo, in seconds.

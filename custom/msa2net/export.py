@@ -22,7 +22,7 @@ Command line (``python -m msa2net.export <command> ...``)::
 
     python -m msa2net.export torchscript --ckpt bundle/models/model.pt --out bundle/models/model.ts
     python -m msa2net.export onnx --ckpt bundle/models/model.pt --out bundle/models/model.onnx
-    python -m msa2net.export deploy_bundle dist/msa2net_bundle --ckpt bundle/models/model.pt --profile profiles/synapse.json
+    python -m msa2net.export deploy_bundle dist/msa2net_bundle --ckpt bundle/models/model.pt --profile profile_synapse.json
 
 Extra ``--key value`` flags override config ids (e.g. ``--model_preset tiny``), as in ``monai.bundle``.
 """
@@ -175,7 +175,7 @@ def torchscript(
         out: output file (default ``<bundle_dir>/models/model.ts``).
         bundle_dir: bundle folder holding ``configs/`` (default: this checkout's ``bundle/``).
         configs: config files under ``configs/`` defining ``network_def``; all are embedded.
-        profile: optional profile under ``configs/`` (e.g. ``profiles/synapse.json``), read last.
+        profile: optional profile under ``configs/`` (e.g. ``profile_synapse.json``), read last.
         mode: ``"auto"`` (script, falling back to trace), ``"script"`` or ``"trace"``.
         atol: tolerance of the check against the eager network.
         overrides: config ids to override (``model_preset="tiny"``, ...).

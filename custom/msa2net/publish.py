@@ -40,7 +40,7 @@ def publish(
 
     Args:
         run_dir: the training run folder (its ``--output_dir``), or a checkpoint file.
-        profile: profile config(s) the bundle is used with, e.g. ``profiles/acdc.json``.
+        profile: profile config(s) the bundle is used with, e.g. ``profile_acdc.json``.
         bundle_dir: the bundle folder (default: the one holding this package's configs).
         half: store floating-point weights as float16 (the shipped file is; halves the size).
         overrides: config values the bundle is used with (``model_preset``, ``class_names``, ...).

@@ -17,10 +17,10 @@ if [ "$graphs" = 1 ]; then extra=",'configs/multi_gpu_cuda_graphs.json'"; else c
 for n in 1 "$gpus"; do
   run=/tmp/ddp_check/gpus$n; rm -rf "$run"; mkdir -p "$run"
   if [ "$n" = 1 ]; then
-    cfg="['configs/train.json','configs/profiles/acdc.json','configs/adamw.json','configs/gpu_train.json']"
+    cfg="['configs/train.json','configs/profile_acdc.json','configs/adamw.json','configs/gpu_train.json']"
     launch=(python3 -m monai.bundle run training)
   else
-    cfg="['configs/train.json','configs/profiles/acdc.json','configs/adamw.json','configs/multi_gpu_train.json','configs/gpu_train.json'$extra]"
+    cfg="['configs/train.json','configs/profile_acdc.json','configs/adamw.json','configs/multi_gpu_train.json','configs/gpu_train.json'$extra]"
     launch=(torchrun --standalone --nproc_per_node "$n" -m monai.bundle run training)
   fi
   t0=$(date +%s)

@@ -76,7 +76,7 @@ def start(args: argparse.Namespace) -> None:
         raise SystemExit(f"{run}: a run of this name exists; choose another --name or remove it.")
     (run / "models").mkdir(parents=True)
     extra = [a for a in args.bundle_args if a != "--"]
-    configs = ["configs/train.json", f"configs/profiles/{args.profile}.json", "configs/gpu_train.json"]
+    configs = ["configs/train.json", f"configs/profile_{args.profile}.json", "configs/gpu_train.json"]
     configs += [a[1:] for a in extra if a.startswith("+")]
     overrides = [a for a in extra if not a.startswith("+")]
     dataset_dir = str(Path(args.dataset_dir).resolve())

@@ -4,7 +4,7 @@ Each ``--job NAME@QUEUE=ARGS`` is one ``python -m monai.bundle run training`` of
 common configs (``train.json``, the dataset profile, ``adamw.json``, ``gpu_train.json``), the common
 schedule (``--epochs``, ``--val_interval``) and its own ``ARGS``: bundle overrides such as
 ``--model_preset paper --network_def#use_bridge False``, and ``+FILE`` for an extra config file
-(``+configs/baselines/swin_unetr.json``). ``QUEUE`` is a GPU index with an optional letter: jobs of one
+(``+configs/baseline_swin_unetr.json``). ``QUEUE`` is a GPU index with an optional letter: jobs of one
 queue run one after another; queues ``3`` and ``3b`` share GPU 3 at the same time. After its training a
 job's best checkpoint is evaluated (``evaluating``, float32, no autocast).
 
@@ -12,7 +12,7 @@ Run from the repository root on the device machine after the stage prefix
 (monai, nibabel, pytorch-ignite and fire installed where the image lacks them; the data set under ``.gpudata/acdc``) and ``export PYTHONPATH=$PWD/custom:$PYTHONPATH``::
 
     python3 scripts/gpu/run_jobs.py --out $OUT --dataset_dir .gpudata/acdc --profile acdc --deadline_s 540 \\
-        --job "paper_full@0=--model_preset paper" --job "basic_unet@1=+configs/baselines/basic_unet.json"
+        --job "paper_full@0=--model_preset paper" --job "basic_unet@1=+configs/baseline_basic_unet.json"
 
 Writes ``$OUT/summary.json`` (card, versions; per job: command, exit status, epochs done, validation
 curve with seconds since training started, start-up seconds, first time each Dice threshold was
@@ -98,7 +98,7 @@ def trainer_start(log_path: Path) -> float | None:
 def run_job(job: dict, args: argparse.Namespace, work: Path, retry_eager: bool = True) -> None:
     d = work / job["name"]
     d.mkdir(parents=True, exist_ok=True)
-    profile = f"configs/profiles/{args.profile}.json"
+    profile = f"configs/profile_{args.profile}.json"
     train_cfg = ["configs/train.json", profile, "configs/adamw.json", "configs/gpu_train.json", *job["configs"]]
     eval_cfg = ["configs/train.json", "configs/evaluate.json", profile, *job["configs"]]
     data = str(Path(args.dataset_dir).resolve())

@@ -43,7 +43,7 @@ def _readme_command(start: str) -> str:
 def test_readme_commands_are_the_guides():
     guide = _commands(GUIDE)
     assert all(command in guide for command in _commands(README)), "deploy/README.md and bundle/docs/deploy.md disagree"
-    assert not any("profiles/synapse.json" in c for c in _commands(README) + guide), "no Synapse weights are shipped"
+    assert not any("profile_synapse.json" in c for c in _commands(README) + guide), "no Synapse weights are shipped"
 
 
 def test_deploy_bundle_and_app_run_as_written_with_the_shipped_weights(tmp_path):
@@ -62,7 +62,7 @@ def test_deploy_bundle_and_app_run_as_written_with_the_shipped_weights(tmp_path)
 
 
 def test_synapse_profile_with_the_shipped_weights_names_the_class_counts(tmp_path):
-    command = _readme_command("deploy_bundle").replace("profiles/acdc.json", "profiles/synapse.json")
+    command = _readme_command("deploy_bundle").replace("profile_acdc.json", "profile_synapse.json")
     proc = subprocess.run(_as_run_here(command, tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0
     assert "classes: 3 in the weights vs 8 in the config (class_names)" in proc.stdout + proc.stderr

@@ -66,7 +66,7 @@ def real(*parts: str) -> Path | None:
 def train_tiny(root: Path, data: Path, epochs: int) -> Path:
     """Train the tiny preset with the synthetic profile through ``monai.bundle run training``; returns model.pt."""
     out = root / "tiny_run"
-    config = "['configs/train.json','configs/profiles/synthetic.json']"
+    config = "['configs/train.json','configs/profile_synthetic.json']"
     run(
         [
             sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config,

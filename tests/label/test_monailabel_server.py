@@ -7,7 +7,7 @@ Run with the label environment (``bundle/docs/monailabel.md``)::
 The module starts ``label/serve.py`` (the documented server command) as a subprocess on a free
 loopback port, with a bundle folder exported by ``export_bundle``. Its weights are the shipped
 ``bundle/models/model.pt`` when it exists (ACDC profile), else a ``tiny`` MSA2-Net trained here for
-real on synthetic volumes, with the exported configs adjusted to ``profiles/synthetic.json``
+real on synthetic volumes, with the exported configs adjusted to ``profile_synthetic.json``
 (``MSA2NET_LABEL_WEIGHTS=synthetic`` forces the latter; ``MSA2NET_LABEL_WEIGHTS=/path/model.pt`` serves
 that checkpoint with the default ACDC profile). Real volumes (ACDC, CT) are read from the shared data
 folder when present; synthetic volumes stand in otherwise. Fine-tuning, publishing and rollback are
