@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--allow_unrecorded", action="store_true", help="install parts the device recorded no SHA-256 for")
     ap.add_argument("--preset", default="base")
     ap.add_argument("--num_classes", type=int, default=4)
+    ap.add_argument("--in_channels", type=int, default=1)
     ap.add_argument("--dest", default="bundle/models/model.pt")
     ap.add_argument("--max_mb", type=float, default=60.0)
     args = ap.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
     ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     if set(ckpt) != {"model"}:
         raise SystemExit(f"unexpected checkpoint keys {sorted(ckpt)}")
-    net = create_msa2net(args.preset, in_channels=1, num_classes=args.num_classes)
+    net = create_msa2net(args.preset, in_channels=args.in_channels, num_classes=args.num_classes)
     net.load_state_dict(ckpt["model"], strict=True)
     size_mb = len(blob) / 1e6
     if size_mb > args.max_mb:
