@@ -2,7 +2,7 @@
 
 A synthetic volume with real CT geometry (default 512 x 512 x 200, 0.7 x 0.7 x 2.5 mm, int16 HU, an
 oblique-free LPS-style affine as written by DICOM converters; synthetic body/organ intensities) goes
-through the bundle's ``inference.json`` with ``profiles/synapse.json`` (HU window, 9 classes) and the
+through the bundle's ``inference.json`` with ``profile_synapse.json`` (HU window, 9 classes) and the
 chosen preset with random weights (saved as a ``{"model": state_dict}`` checkpoint).
 
 * ``e2e_total_s``: wall time of ``evaluator.run()`` for the one volume (checkpoint load, read,
@@ -137,7 +137,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / "inference.json"), str(BUNDLE / "configs" / "profiles" / "synapse.json")])
+    parser.read_config([str(BUNDLE / "configs" / "inference.json"), str(BUNDLE / "configs" / "profile_synapse.json")])
     ckpt = work / "model.pt"
     over = {"bundle_root": str(BUNDLE), "dataset_dir": str(work / "in"), "output_dir": str(work / "out"), "ckpt_path": str(ckpt), "model_preset": args.preset}
     if args.output_ext:
@@ -164,7 +164,7 @@ def main() -> None:
         totals.append(time.perf_counter() - t)
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     out_files = sorted(str(p.name) for p in (work / "out").glob("*"))
-    out_img = nib.load(str(next((work / "out").glob("*"))))
+    out_img = nib.load(str(next((work / "out").glob("*.nii*"))))
     in_img = nib.load(str(img_path))
     geometry_ok = out_img.shape == in_img.shape and np.allclose(out_img.affine, in_img.affine, atol=1e-4)
 
