@@ -23,11 +23,12 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bundle" / "docs" / "results"
 FIGURES = ROOT / "bundle" / "docs" / "figures"
-R5, R6 = RESULTS / "run5_h200_x4", RESULTS / "run6_h200_x2"
+R5, R6, R7 = RESULTS / "run5_h200_x4", RESULTS / "run6_h200_x2", RESULTS / "run7_h200_x2"
 RUNS = {
-    "paper, run 6 (half an H200; continued for the shipped model)": R6 / "acdc_paper" / "training_log.csv",
-    "base, run 6 (half an H200)": R6 / "acdc_base" / "training_log.csv",
-    "BasicUNet control, run 6 (a whole H200)": R6 / "acdc_unet" / "training_log.csv",
+    "paper, run 7 (a whole H200, 1350 s; shipped)": R7 / "acdc_paper_s2" / "training_log.csv",
+    "base, run 7 (a whole H200, 460 s)": R7 / "acdc_base_h200" / "training_log.csv",
+    "BasicUNet control, run 6 (a whole H200, 450 s)": R6 / "acdc_unet" / "training_log.csv",
+    "paper, run 6 (half an H200, 900 s)": R6 / "acdc_paper" / "training_log.csv",
     "paper, run 5 (old recipe, a whole H200)": R5 / "paper_full" / "eval" / "training_log.csv",
 }
 
@@ -44,7 +45,7 @@ def curves(out: Path) -> None:
         ax.axhline(0.926, color="grey", ls="--", lw=1, label="paper's reported 0.926")
         ax.set_ylim(0.7, 0.95)
         ax.grid(alpha=0.3)
-    axes[0].set_xlabel("epoch (1680 training slices; run 6: 52 batches of 32)")
+    axes[0].set_xlabel("epoch (1680 training slices; runs 6-7: 52 batches of 32)")
     axes[1].set_xlabel("seconds since training started (H200)")
     axes[0].set_ylabel("validation mean Dice (RV, Myo, LV)")
     axes[0].legend(fontsize=7, loc="lower right")

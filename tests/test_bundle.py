@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 import subprocess
+from pathlib import Path
 import sys
 
 import nibabel as nib
@@ -251,3 +252,26 @@ def test_shipped_model_segments_a_real_acdc_volume(tmp_path):
     pred, truth = np.asarray(seg.dataobj), np.asarray(ref.dataobj)
     dice = [2 * ((pred == c) & (truth == c)).sum() / ((pred == c).sum() + (truth == c).sum()) for c in (1, 2, 3)]
     assert np.mean(dice) > 0.5, dice
+
+
+def test_shipped_kvasir_model_segments_real_polyps(tmp_path):
+    """The Kvasir-SEG profile serves its own shipped weights (``models/model_kvasir.pt``) on real validation images."""
+    if not (BUNDLE / "models" / "model_kvasir.pt").is_file():
+        pytest.skip("no shipped Kvasir-SEG weights in bundle/models")
+    kvasir = shared_data("kvasir")
+    cases = json.loads((kvasir / "dataset.json").read_text())["validation"][:4]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for case in cases:
+        shutil.copy(kvasir / case["image"], inputs)
+    bundle_cmd(
+        "inference", ["inference.json", "profile_kvasir.json"], "--dataset_dir", str(inputs), "--output_dir", str(tmp_path / "out"),
+    )
+    dice = []
+    for case in cases:
+        stem = Path(case["image"]).stem
+        pred = np.asarray(Image.open(tmp_path / "out" / f"{stem}_seg.png")) > 0
+        truth = np.asarray(Image.open(kvasir / case["label"]).convert("L")) > 127
+        assert pred.shape == truth.shape, stem
+        dice.append(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+    assert np.mean(dice) > 0.7, dice
