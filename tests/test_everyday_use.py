@@ -186,4 +186,13 @@ def test_publish_refuses_weights_that_do_not_fit_and_leaves_the_bundle_alone(tmp
     assert (bundle / "models" / "model.pt").read_bytes() == before
     assert "published" in publish(run, bundle_dir=bundle, model_preset="tiny", class_names=["a", "b"])
     assert torch.load(bundle / "models" / "model.pt", weights_only=True)["model"].keys() == create_msa2net("tiny", num_classes=3).state_dict().keys()
-    assert sorted(p.name for p in (bundle / "models").iterdir()) == ["model.pt"]
+    # the Kvasir-SEG profile's weights go to its own file; the ACDC file stays as it was
+    acdc_before = (bundle / "models" / "model.pt").read_bytes()
+    kvasir = tmp_path / "kvasir_run" / "models"
+    kvasir.mkdir(parents=True)
+    torch.save({"model": create_msa2net("base", in_channels=3, num_classes=2).state_dict()}, kvasir / "model.pt")
+    assert "model_kvasir.pt" in publish(kvasir.parent, profile="profile_kvasir.json", bundle_dir=bundle, half=True)
+    assert (bundle / "models" / "model.pt").read_bytes() == acdc_before
+    published = torch.load(bundle / "models" / "model_kvasir.pt", weights_only=True)["model"]
+    assert published["encoder.stem.conv.weight"].shape[1] == 3 and published["encoder.stem.conv.weight"].dtype == torch.float16
+    assert sorted(p.name for p in (bundle / "models").iterdir()) == sorted(p.name for p in (BUNDLE / "models").iterdir())

@@ -1,4 +1,4 @@
-"""Publishing a training run's best model as the bundle's shipped weights: the one step that changes ``models/model.pt``."""
+"""Publishing a training run's best model as the bundle's shipped weights: the one step that changes ``models/``."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from msa2net.inference import error_line, load_weights
 __all__ = ["publish"]
 
 
-def _inference_network(bundle: Path, profiles: list[str], overrides: dict) -> torch.nn.Module:
+def _inference_network(bundle: Path, profiles: list[str], overrides: dict) -> tuple[torch.nn.Module, str]:
+    """The network ``run inference`` builds with these profiles and overrides, and the weights file it reads."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(config_files(bundle, "inference.json", *profiles))
     parser.update({"bundle_root": str(bundle), **overrides})
-    return parser.get_parsed_content("network_def")
+    return parser.get_parsed_content("network_def"), parser.get_parsed_content("weights_file")
 
 
 def publish(
@@ -31,12 +32,14 @@ def publish(
     half: bool = False,
     **overrides,
 ) -> str:
-    """Copy ``<run_dir>/models/model.pt`` to the bundle's ``models/model.pt``, once it is checked to fit.
+    """Copy ``<run_dir>/models/model.pt`` to the bundle's weights file, once it is checked to fit.
 
     The check builds the network of ``configs/inference.json`` (plus ``profile`` files under
     ``configs/``, plus overrides such as ``model_preset=tiny``), that is the network that
     ``run inference`` will build, and loads the weights into it; a mismatch stops the copy with one
-    line naming what differs. The file is written as ``{"model": state_dict}`` and replaced atomically.
+    line naming what differs. The destination is ``models/<weights_file>`` of that configuration
+    (``model.pt``; ``model_kvasir.pt`` with ``profile_kvasir.json``). The file is written as
+    ``{"model": state_dict}`` and replaced atomically.
 
     Args:
         run_dir: the training run folder (its ``--output_dir``), or a checkpoint file.
@@ -53,10 +56,11 @@ def publish(
     bundle = Path(bundle_dir) if bundle_dir else default_bundle_dir()
     profiles = [profile] if isinstance(profile, str) else list(profile)
     try:
-        load_weights(_inference_network(bundle, profiles, overrides), src)
+        network, weights_file = _inference_network(bundle, profiles, overrides)
+        load_weights(network, src)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: not published: {error_line(e)}") from None
-    dst = bundle / "models" / "model.pt"
+    dst = bundle / "models" / weights_file
     state = torch.load(src, map_location="cpu", weights_only=True)
     state = state.get("model", state)
     if half:
