@@ -12,7 +12,9 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from conftest import shared_data
-from msa2net.resample import ResizeLabeld, RestoreLabeld, resize_label, restore_label
+from monai.transforms import Resized
+
+from msa2net.resample import ResizeImaged, ResizeLabeld, RestoreLabeld, resize_label, restore_label
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
@@ -120,3 +122,34 @@ def test_bad_shapes_fail_clearly():
         resize_label(torch.full((1, 8, 8), 300.0), (4, 4))
     with pytest.raises(ValueError, match="does not match"):
         RestoreLabeld("pred")({"image": torch.zeros(1, 8, 8, 2), "pred": torch.zeros(3, 8, 8, 3)})
+
+
+OBLIQUE = torch.tensor([[0.0, -1.2, 0.1, 40.0], [1.4, 0.0, 0.0, -20.0], [0.0, 0.05, 8.0, 5.0], [0, 0, 0, 1]], dtype=torch.float64)
+
+
+def test_resize_imaged_equals_monai_resized_without_anti_aliasing():
+    image = MetaTensor(torch.rand(2, 150, 171, 5), affine=OBLIQUE)
+    ours = ResizeImaged("image", [224, 224, -1])({"image": image})["image"]
+    monai = Resized("image", [224, 224, -1], mode="bilinear")({"image": image})["image"]
+    torch.testing.assert_close(ours.as_tensor(), monai.as_tensor(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.affine, monai.affine)
+    assert ours.applied_operations[-1]["orig_size"] == (150, 171, 5)
+
+
+def test_resize_imaged_anti_aliasing_averages_what_down_sampling_would_skip():
+    stripes = torch.zeros(1, 512, 512, 2)
+    stripes[:, ::2] = 1.0  # one-pixel stripes: finer than the 224 grid can hold
+    plain = ResizeImaged("image", [224, 224])({"image": MetaTensor(stripes)})["image"]
+    smooth = ResizeImaged("image", [224, 224], anti_aliasing=True)({"image": MetaTensor(stripes)})["image"]
+    assert float(plain.std()) > 0.2  # aliasing: a beat pattern of the stripes
+    assert float(smooth.std()) < 0.05 and abs(float(smooth.mean()) - 0.5) < 0.02
+
+
+def test_prediction_restored_after_resize_imaged_keeps_oblique_geometry():
+    image = MetaTensor(torch.rand(1, 150, 170, 12), affine=OBLIQUE)
+    data = ResizeImaged("image", [224, 224, -1], anti_aliasing=True)({"image": image})
+    data["pred"] = torch.rand(4, 224, 224, 12)
+    restored = RestoreLabeld("pred")(data)["pred"]
+    assert tuple(restored.shape) == (1, 150, 170, 12)
+    torch.testing.assert_close(restored.affine, OBLIQUE.to(restored.affine.dtype))
+

@@ -8,6 +8,10 @@ the myocardium. Here:
 * :class:`ResizeLabeld` resizes a label map as one-hot channels (bilinear with anti-aliasing, so a
   down-sampled pixel takes the class covering most of it), then argmax: aligned with the image and
   without the staircase of nearest sampling;
+* :class:`ResizeImaged` resizes images in-plane, bilinearly, optionally with torch's anti-aliasing
+  (the filter widened by the down-sampling factor, as image libraries do): the Gaussian smoothing of
+  MONAI's ``Resized(anti_aliasing=True)`` filters the whole volume with a 3D convolution, which takes
+  tens of seconds on a 2-core CPU for a 512x512x200 CT, where this takes about one;
 * :class:`RestoreLabeld` puts a prediction back to the grid the input had before its in-plane resize:
   class probabilities are resized bilinearly, then the argmax is taken, a chunk of slices at a time so
   that the memory stays bounded for large volumes (a 512x512x600 CT: a few hundred MB, not the GBs of
@@ -29,10 +33,11 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.transforms.utils import scale_affine
+from monai.utils import TraceKeys
 
-__all__ = ["ResizeLabeld", "RestoreLabeld", "resize_label", "restore_label"]
+__all__ = ["ResizeImaged", "ResizeLabeld", "RestoreLabeld", "resize_image", "resize_label", "restore_label"]
 
-_RESIZE_OPS = ("Resize", "Resized")
+_RESIZE_OPS = ("Resize", "Resized", "ResizeImaged")
 
 
 def _plain(x) -> torch.Tensor:
@@ -57,6 +62,13 @@ def _put(out: torch.Tensor, start: int, stop: int, labels: torch.Tensor) -> None
         out[0, :, :, start:stop] = labels.permute(1, 2, 0)
 
 
+def _plane(spatial_size: Sequence[int]) -> list[int]:
+    plane = [int(s) for s in list(spatial_size)[:2]]
+    if len(plane) != 2 or min(plane) < 1:
+        raise ValueError(f"spatial_size must start with two positive sizes (h, w), got {spatial_size}.")
+    return plane
+
+
 def _with_geometry(data: torch.Tensor, ref, new_plane: Sequence[int]) -> torch.Tensor:
     """``data`` as a MetaTensor carrying ``ref``'s metadata with the affine of the resized grid."""
     if not isinstance(ref, MetaTensor):
@@ -68,6 +80,30 @@ def _with_geometry(data: torch.Tensor, ref, new_plane: Sequence[int]) -> torch.T
     affine = torch.as_tensor(ref.affine, dtype=torch.float64) @ torch.as_tensor(scale, dtype=torch.float64)
     out = MetaTensor(data, meta=dict(ref.meta))
     out.affine = affine.to(ref.affine.dtype)
+    return out
+
+
+def resize_image(image: torch.Tensor, plane: Sequence[int], anti_aliasing: bool = False, chunk: int = 64) -> torch.Tensor:
+    """Resize an image ``(C, H, W[, D])`` in-plane to ``plane`` ``(h, w)``, bilinearly (``align_corners=False``).
+
+    ``anti_aliasing``: widen the interpolation filter when down-sampling (torch's ``antialias``), so
+    that structures smaller than the new pixel are averaged rather than skipped. Returns a float
+    tensor ``(C, h, w[, D])`` on the image's device, ``chunk`` slices resized at a time.
+    """
+    if image.ndim not in (3, 4):
+        raise ValueError(f"expected an image (C, H, W[, D]), got shape {tuple(image.shape)}.")
+    x = _plain(image)
+    x = x if x.is_floating_point() else x.float()
+    depth = x.shape[-1] if x.ndim == 4 else 1
+    out = torch.empty((x.shape[0], *plane, *x.shape[3:]), dtype=x.dtype, device=x.device)
+    for start, stop in _chunks(depth, chunk):
+        small = F.interpolate(
+            _as_slices(x, start, stop), size=tuple(plane), mode="bilinear", align_corners=False, antialias=anti_aliasing
+        )
+        if out.ndim == 3:
+            out.copy_(small[0])
+        else:
+            out[..., start:stop] = small.permute(1, 2, 3, 0)
     return out
 
 
@@ -113,6 +149,44 @@ def restore_label(pred: torch.Tensor, plane: Sequence[int], softmax: bool = True
     return out
 
 
+class ResizeImaged(MapTransform):
+    """Dictionary form of :func:`resize_image`: images to the in-plane ``spatial_size`` of the network.
+
+    The output keeps the input's metadata with the affine of the new grid, and its trace records the
+    input's size (``orig_size``) as MONAI's ``Resized`` does, which :class:`RestoreLabeld` reads.
+
+    Args:
+        keys: image keys.
+        spatial_size: ``(h, w)``; a longer sequence (the bundle's ``resize_size``, ``[h, w, -1]``) is cut
+            to its first two entries.
+        anti_aliasing: widen the filter when down-sampling (see :func:`resize_image`).
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_size: Sequence[int],
+        anti_aliasing: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.plane, self.anti_aliasing = _plane(spatial_size), anti_aliasing
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            out = _with_geometry(resize_image(img, self.plane, self.anti_aliasing), img, self.plane)
+            if isinstance(out, MetaTensor):
+                out.applied_operations = [
+                    *img.applied_operations,
+                    {TraceKeys.CLASS_NAME: type(self).__name__, TraceKeys.ORIG_SIZE: tuple(img.shape[1:])},
+                ]
+            d[key] = out
+        return d
+
+
 class ResizeLabeld(MapTransform):
     """Dictionary form of :func:`resize_label`: label maps to the in-plane ``spatial_size`` of the network.
 
@@ -132,10 +206,7 @@ class ResizeLabeld(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        plane = [int(s) for s in list(spatial_size)[:2]]
-        if len(plane) != 2 or min(plane) < 1:
-            raise ValueError(f"spatial_size must start with two positive sizes (h, w), got {spatial_size}.")
-        self.plane, self.num_classes = plane, num_classes
+        self.plane, self.num_classes = _plane(spatial_size), num_classes
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
