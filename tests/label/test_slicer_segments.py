@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from label_server import MODEL, ROOT, SHIPPED_WEIGHTS, Server, load_serve, real  # noqa: E402
 from monai.transforms import LoadImage  # noqa: E402
+from monailabel.client.client import MONAILabelClientException  # noqa: E402
 
 from msa2net.data.synthetic import make_volume_dataset  # noqa: E402
 from msa2net.terminology import term_for  # noqa: E402
@@ -233,5 +234,27 @@ def test_a_seg_nrrd_label_as_slicer_submits_it_is_stored(served, tmp_path):
     result = _infer(client, nifti, True, SLICER_PARAMS)
     assert client.save_label(image_id, str(result), tag="final")["label"] == image_id
     stored = next((server.studies / "labels" / "final").glob(f"{image_id}.*"))
-    assert stored.name.endswith(".seg.nrrd"), stored.name
     np.testing.assert_array_equal(np.asarray(LoadImage(image_only=True)(str(stored))), _voxels(sitk.ReadImage(str(result))))
+
+
+def test_a_seg_nrrd_label_with_overlapping_segments_is_refused(served, tmp_path):
+    """Overlapping segments are saved by Slicer as several layers (a list axis): a clear 422, not a stored label."""
+    server, nifti, _, _ = served
+    client = server.client(tmp_path)
+    image = sitk.ReadImage(str(nifti))
+    layers = np.zeros((2, *image.GetSize()), np.uint8)
+    layers[:, 10:20, 10:20, 0] = 1
+    lps = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    header = {
+        "space": "left-posterior-superior",
+        "kinds": ["list", "domain", "domain", "domain"],
+        "space directions": np.vstack([np.full(3, np.nan), lps.T]),
+        "space origin": np.array(image.GetOrigin()),
+    }
+    label = tmp_path / "overlap.seg.nrrd"
+    nrrd.write(str(label), layers, header)
+    image_id = nifti.name.removesuffix(".nii.gz")
+    with pytest.raises(MONAILabelClientException) as e:
+        client.save_label(image_id, str(label), tag="overlap")
+    assert "422" in e.value.msg and f"uploaded label '{image_id}' is not a readable image" in e.value.msg, e.value.msg
+    assert "overlap" not in client.datastore()["objects"][image_id]["labels"]
