@@ -18,8 +18,9 @@ What it changes against the stock ``monaibundle`` sample app of monailabel 0.8.5
   (``http_routes.py``); uploads and labels are read back before they are accepted;
 * segments carry the display names of ``msa2net.terminology``, or the names 3D Slicer's generic
   anatomy colour table uses for the same SNOMED CT structure (Slicer colours segments by name);
-* a result asked for as ``.nrrd`` (3D Slicer's MONAI Label module asks so) is a Slicer segmentation
-  file ``*.seg.nrrd`` (``seg_nrrd.py``) carrying each segment's name, colour and SNOMED CT term.
+* a result written as NRRD (asked for as ``.nrrd``, as 3D Slicer's MONAI Label module does, or for an
+  ``.nrrd`` image) is a Slicer segmentation file ``*.seg.nrrd`` (``seg_nrrd.py``) carrying each
+  segment's name, colour and SNOMED CT term.
 
 Nothing is downloaded: there is no model-zoo lookup and no SAM2 model.
 """
@@ -57,6 +58,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import file_ext
 
 from msa2net.atomic import atomic_torch_save
 from msa2net.bundle_tools import class_table
@@ -255,7 +257,9 @@ class MSA2NetInferTask(BundleInferTask):
         return network
 
     def writer(self, data, extension=None, dtype=None):
-        if str(extension or data.get("result_extension") or "").lower() in SEGMENTATION_EXTENSIONS:
+        # The extension as the stock writer resolves it: asked for, else the image's own.
+        ext = extension or data.get("result_extension") or file_ext(data.get("image_path") or "")
+        if str(ext).lower() in SEGMENTATION_EXTENSIONS:
             result_file, result_json = self._write_segmentation(data), data.get(self.output_json_key)
         else:
             # uint8 label maps (the bundle's own SaveImaged writes uint8 too).

@@ -206,6 +206,9 @@ def test_slicer_request_returns_a_segmentation_of_every_class(served, source, tm
     plain = _infer(client, image, stored, {"result_extension": ".nii.gz"})
     assert result.name.endswith(".seg.nrrd"), result.name  # the name Slicer's module needs
     assert plain.name.endswith(".nii.gz") and nib.load(str(plain)).shape  # other clients: a plain NIfTI as before
+    if not stored:
+        # Asked for nothing, an NRRD image gets an NRRD result (as with the stock writer): a segmentation too.
+        assert _infer(client, image, stored, {}).name.endswith(".seg.nrrd")
 
     # A segment per foreground class, with the terminology's name, colour and SNOMED CT code.
     expected = [(v, name, term_for(ACDC_CLASSES[v], v)) for name, v in sorted(labels.items(), key=lambda kv: kv[1])]
