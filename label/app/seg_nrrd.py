@@ -32,8 +32,9 @@ __all__ = ["Segment", "terminology_entry", "write_seg_nrrd", "SLICER_ANATOMY_CON
 SLICER_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 _ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 _NO_CODE = "^^"
-# Separators of Slicer's header values: none may occur inside a name, code meaning or number.
-_RESERVED = ("|", "~", "^", "&", "\n", "\r")
+# A header field ends at a line break; a code inside a TerminologyEntry tag also at Slicer's separators.
+_NAME_RESERVED = ("\n", "\r")
+_CODE_RESERVED = ("|", "~", "^", "\n", "\r")
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ def _number(x: float) -> str:
     return repr(float(x))
 
 
-def _check_text(path: str, what: str, text: str) -> None:
-    bad = [c for c in _RESERVED if c in text]
+def _check_text(path: str, what: str, text: str, reserved: Sequence[str]) -> None:
+    bad = [c for c in reserved if c in text]
     if bad:
         raise ValueError(f"{os.path.basename(path)}: {what} {text!r} contains {bad[0]!r}, a separator of Slicer's segmentation header.")
 
@@ -114,10 +115,9 @@ def write_seg_nrrd(path: str, label: np.ndarray, affine: np.ndarray, segments: S
         "Segmentation_ConversionParameters": f"Reference image geometry|{geometry}|Image geometry of the label map.&",
     }
     for i, seg in enumerate(segments):
-        _check_text(path, "segment name", seg.name)
-        for part in (ANATOMY_CATEGORY, seg.term.code):
-            for text in part:
-                _check_text(path, "code", text)
+        _check_text(path, "segment name", seg.name, _NAME_RESERVED)
+        for text in (*ANATOMY_CATEGORY, *seg.term.code):
+            _check_text(path, "code", text, _CODE_RESERVED)
         header.update(
             {
                 f"Segment{i}_ID": seg.name,

@@ -130,14 +130,14 @@ def test_writer_keeps_an_oblique_lps_grid_and_names_every_class(tmp_path):
     assert geometry[16:] == ["0", "32", "0", "20", "0", "5"]
 
 
-def test_writer_refuses_values_without_a_segment(tmp_path):
+def test_writer_refuses_values_without_a_segment_and_names_that_break_the_header(tmp_path):
     label = np.zeros((4, 4, 2), np.uint8)
     label[0, 0, 0] = 5
     segments = [seg_nrrd.Segment(1, "Liver", term_for("liver", 1))]
     with pytest.raises(ValueError, match=r"^bad\.seg\.nrrd: label values \[5\] have no segment"):
         seg_nrrd.write_seg_nrrd(str(tmp_path / "bad.seg.nrrd"), label, np.eye(4), segments)
-    with pytest.raises(ValueError, match=r"^bad\.seg\.nrrd: segment name 'a\|b' contains '\|'"):
-        seg_nrrd.write_seg_nrrd(str(tmp_path / "bad.seg.nrrd"), label * 0, np.eye(4), [seg_nrrd.Segment(1, "a|b", term_for("x", 1))])
+    with pytest.raises(ValueError, match=r"^bad\.seg\.nrrd: segment name 'a\\nb' contains '\\n'"):
+        seg_nrrd.write_seg_nrrd(str(tmp_path / "bad.seg.nrrd"), label * 0, np.eye(4), [seg_nrrd.Segment(1, "a\nb", term_for("x", 1))])
 
 
 def test_slicer_module_loads_seg_nrrd_results_as_segmentations():
