@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SegmentTerm", "term_for", "GENERIC_CODE", "PALETTE"]
+__all__ = ["SegmentTerm", "term_for", "ANATOMY_CATEGORY", "GENERIC_CODE", "PALETTE"]
+
+#: SNOMED CT "Anatomical Structure" as the segmented property *category* (DICOM SEG) of every class here;
+#: 3D Slicer's terminology lists file the structures below under this category.
+ANATOMY_CATEGORY = ("123037004", "SCT", "Anatomical Structure")
 
 #: SNOMED CT "Anatomical Structure": the property type of classes without a more specific code.
 GENERIC_CODE = ("91723000", "SCT", "Anatomical Structure")

@@ -17,7 +17,10 @@ What it changes against the stock ``monaibundle`` sample app of monailabel 0.8.5
 * ``/infer`` runs off the server's event loop and bad requests get a 4xx naming the problem
   (``http_routes.py``); uploads and labels are read back before they are accepted;
 * segments carry the display names of ``msa2net.terminology``, or the names 3D Slicer's generic
-  anatomy colour table uses for the same SNOMED CT structure (Slicer colours segments by name).
+  anatomy colour table uses for the same SNOMED CT structure (Slicer colours segments by name);
+* a result written as NRRD (asked for as ``.nrrd``, as 3D Slicer's MONAI Label module does, or for an
+  ``.nrrd`` image) is a Slicer segmentation file ``*.seg.nrrd`` (``seg_nrrd.py``) carrying each
+  segment's name, colour and SNOMED CT term.
 
 Nothing is downloaded: there is no model-zoo lookup and no SAM2 model.
 """
@@ -42,6 +45,7 @@ import numpy as np
 import torch
 from fastapi import HTTPException
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -54,6 +58,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import file_ext
 
 from msa2net.atomic import atomic_torch_save
 from msa2net.bundle_tools import class_table
@@ -62,6 +67,7 @@ from msa2net.terminology import term_for
 # MONAI Label loads main.py by file path; its sibling modules are found through the app folder.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from http_routes import read_volume  # noqa: E402
+from seg_nrrd import Segment, write_seg_nrrd  # noqa: E402
 from weights_registry import CANDIDATE_FILE, SHIPPED_FILE, RegistryError, open_registry  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -75,6 +81,8 @@ DEFAULT_VAL_SPLIT = 0.2
 _SKIPPED_HANDLERS = ("msa2net.handlers.ResumeCheckpoint", "msa2net.handlers.BestModelSaver")
 # Image ids: Slicer sends its volume node names ("3: Cine SAX"); no path separators or control characters.
 _IMAGE_ID = re.compile(r"^[^\s./\\\x00-\x1f][^/\\\x00-\x1f]{0,127}$")
+# Result extensions answered with a Slicer segmentation file (written as *.seg.nrrd).
+SEGMENTATION_EXTENSIONS = (".nrrd", ".seg.nrrd")
 # SNOMED CT code -> name of the structure in Slicer's generic anatomy colour table (GenericAnatomyColors).
 _SLICER_ANATOMY_NAMES = {"53085002": "right ventricle of heart", "87878005": "left ventricle of heart"}
 
@@ -130,9 +138,9 @@ def bundle_classes(bundle_dir: str, parser: Optional[ConfigParser] = None) -> Li
     return class_table(parser, os.path.join(bundle_dir, "configs", "inference.json"))
 
 
-def display_labels(classes: List[str]) -> Dict[str, int]:
-    """Segment name -> label value of the foreground classes (``bundle_classes``)."""
-    return {segment_name(name, value): value for value, name in enumerate(classes) if value > 0}
+def segments_of(classes: List[str]) -> List[Segment]:
+    """The foreground classes (``bundle_classes``) as segments: label value, segment name, terminology term."""
+    return [Segment(value, segment_name(name, value), term_for(name, value)) for value, name in enumerate(classes) if value > 0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +209,8 @@ class MSA2NetInferTask(BundleInferTask):
         super().__init__(path, conf, type="segmentation", load_strict=True)
         if not self.valid:
             return
-        self.labels = display_labels(bundle_classes(path, self.bundle_config))
+        self.segments = segments_of(bundle_classes(path, self.bundle_config))
+        self.labels = {s.name: s.value for s in self.segments}
         models = os.path.join(path, "models")
         self.path = [os.path.join(models, SHIPPED_FILE)]
         self._refresh_choices()
@@ -248,18 +257,45 @@ class MSA2NetInferTask(BundleInferTask):
         return network
 
     def writer(self, data, extension=None, dtype=None):
-        # uint8 label maps (the bundle's own SaveImaged writes uint8 too).
-        result_file, result_json = super().writer(data, extension=extension, dtype=dtype or np.uint8)
-        if result_file and os.path.isfile(result_file):
-            # The client saves the result under the same base name in its own temporary folder; on the
-            # server's machine that would be this very file, which the server deletes after sending it.
-            private = os.path.join(self._results, os.path.basename(result_file))
-            os.replace(result_file, private)
-            result_file = private
+        # The extension as the stock writer resolves it: asked for, else the image's own.
+        ext = extension or data.get("result_extension") or file_ext(data.get("image_path") or "")
+        if str(ext).lower() in SEGMENTATION_EXTENSIONS:
+            result_file, result_json = self._write_segmentation(data), data.get(self.output_json_key)
+        else:
+            # uint8 label maps (the bundle's own SaveImaged writes uint8 too).
+            result_file, result_json = super().writer(data, extension=extension, dtype=dtype or np.uint8)
+            if result_file and os.path.isfile(result_file):
+                # The client saves the result under the same base name in its own temporary folder; on the
+                # server's machine that would be this very file, which the server deletes after sending it.
+                private = os.path.join(self._results, os.path.basename(result_file))
+                os.replace(result_file, private)
+                result_file = private
         result_json = dict(result_json or {})
         result_json["model_file"] = data.get("model_file")
         result_json["model_sha256"] = data.get("model_sha256")
         return result_file, result_json
+
+    def _write_segmentation(self, data) -> str:
+        """The label map as a Slicer segmentation file in the app's private result folder; returns its path.
+
+        The name ends with ``.seg.nrrd``: the client keeps the server's file name, and Slicer's module
+        loads a result as a segmentation (names, colours, terms from the file) only under that ending.
+        """
+        label = data[self.output_label_key]
+        array = label.array if isinstance(label, MetaTensor) else np.asarray(label)
+        # The stock writer's geometry: the input's affine as read (MONAI Label's Restored puts it there).
+        meta = data.get(f"{self.output_label_key}_meta_dict") or {}
+        affine = meta.get("affine")
+        if affine is None:
+            affine = label.affine
+        fd, path = tempfile.mkstemp(dir=self._results, suffix=".seg.nrrd")
+        os.close(fd)
+        try:
+            write_seg_nrrd(path, array, np.asarray(affine), self.segments)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return path
 
 
 # --------------------------------------------------------------------------------------------------
