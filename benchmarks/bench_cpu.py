@@ -12,7 +12,7 @@ SliceInferer batches them); the largest logit difference against eager is record
 
 The result files name the processor (``/proc/cpuinfo`` model name) and the date::
 
-    python benchmarks/bench_cpu.py --presets base --ckpt bundle/models/model.pt --note "shared machine"
+    python benchmarks/bench_cpu.py --presets paper --ckpt bundle/models/model.pt --note "shared machine"
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="base,paper")
     ap.add_argument("--backends", default=BACKENDS)
-    ap.add_argument("--ckpt", default=None, help="weights for the `base` preset (others: random weights)")
+    ap.add_argument("--ckpt", default=None, help="weights for --ckpt_preset (others: random weights)")
+    ap.add_argument("--ckpt_preset", default="paper", help="the preset --ckpt belongs to (the shipped weights: paper)")
     ap.add_argument("--spatial_size", type=int, nargs=2, default=None, help="H W (default: the bundle's spatial_size)")
     ap.add_argument("--num_classes", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="default: PyTorch's intra-op thread count")
@@ -76,7 +77,7 @@ def main() -> None:
     for preset in args.presets.split(","):
         torch.manual_seed(0)
         net = create_msa2net(preset, in_channels=1, num_classes=args.num_classes).eval()
-        if args.ckpt and preset == "base":
+        if args.ckpt and preset == args.ckpt_preset:
             load_weights(net, args.ckpt)
         state = net.state_dict()
         cache = tempfile.mkdtemp(prefix="bench_cpu_")
