@@ -117,3 +117,20 @@ def test_bundle_inference_on_cpu_backends_equals_pytorch(trained_tiny, volume_da
             a, b = nib.load(p), nib.load(tmp_path / other / p.name)
             np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
             np.testing.assert_allclose(a.affine, b.affine)
+
+
+def test_shipped_weights_are_listed_as_validated_for_int8():
+    """Re-shipped weights need their INT8 Dice measured (benchmarks/eval_cpu_backends.py) before `auto` may pick INT8."""
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE
+    from msa2net.inference import load_weights
+    from msa2net.onnx_runtime import weights_digest
+
+    if not (BUNDLE / "models" / "model.pt").is_file():
+        pytest.skip("no shipped weights in bundle/models")
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "inference.json"), str(BUNDLE / "configs" / "inference_cpu.json")])
+    net = parser.get_parsed_content("network_def")
+    load_weights(net, BUNDLE / "models" / "model.pt")
+    assert weights_digest(net) in parser.get_parsed_content("cpu_int8_weights")
