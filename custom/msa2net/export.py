@@ -117,7 +117,9 @@ def check_exported(
 ) -> float:
     """Run ``run(x) -> logits`` and the eager ``net`` on random inputs of ``batch_sizes``; return the max abs difference.
 
-    Raises ``AssertionError`` naming the batch size where the difference exceeds ``atol``.
+    Raises ``AssertionError`` naming the batch size where the difference exceeds ``atol`` times the
+    largest eager logit (at least 1): float32 rounding grows with the logits, which trained weights
+    make large (tens), so a fixed bound would fail a correct export.
     """
     worst = 0.0
     gen = torch.Generator().manual_seed(0)
@@ -129,8 +131,9 @@ def check_exported(
         if out.shape != ref.shape:
             raise AssertionError(f"batch {b}: exported model gave shape {out.shape}, eager {ref.shape}.")
         diff = float(np.abs(out - ref).max())
-        if not diff <= atol:
-            raise AssertionError(f"batch {b}: exported logits differ from eager by {diff:.3g} > {atol:g}.")
+        scale = max(1.0, float(np.abs(ref).max()))
+        if not diff <= atol * scale:
+            raise AssertionError(f"batch {b}: exported logits differ from eager by {diff:.3g} > {atol:g} x {scale:.3g} (largest logit).")
         worst = max(worst, diff)
     return worst
 
