@@ -46,3 +46,15 @@ def test_folders_are_replaced_whole_or_not_at_all(tmp_path):
         (tmp / "c.txt").write_text("3")
     assert [p.name for p in out.iterdir()] == ["c.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_leftovers_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+    from msa2net.atomic import remove_partials
+
+    (tmp_path / "resume.pt").write_bytes(b"complete")
+    (tmp_path / ".partial-1a2b3c4d-resume.pt").write_bytes(b"half")
+    (tmp_path / ".partial-5e6f7a8b-export").mkdir()
+    (tmp_path / ".partial-5e6f7a8b-export" / "x").write_text("half")
+    assert remove_partials(tmp_path) == [".partial-1a2b3c4d-resume.pt", ".partial-5e6f7a8b-export"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resume.pt"]
+    assert remove_partials(tmp_path / "absent") == []

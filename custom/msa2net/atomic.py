@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "remove_partials"]
+
+PARTIAL_PREFIX = ".partial-"
 
 
 @contextmanager
@@ -33,7 +35,7 @@ def atomic_path(path: str | os.PathLike, replace_dir: bool = False) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".partial-{secrets.token_hex(4)}-{path.name}")
+    tmp = path.with_name(f"{PARTIAL_PREFIX}{secrets.token_hex(4)}-{path.name}")
     try:
         yield tmp
         if replace_dir and path.is_dir() and not path.is_symlink():
@@ -64,3 +66,18 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def remove_partials(folder: str | os.PathLike) -> list[str]:
+    """Remove temporary files and folders that writers killed mid-write (``kill -9``) left in ``folder``.
+
+    Only for a folder no other process is writing into (a training run's own ``models/`` at start-up).
+    Returns the names removed.
+    """
+    folder = Path(folder)
+    removed = []
+    for leftover in sorted(folder.glob(f"{PARTIAL_PREFIX}*")) if folder.is_dir() else []:
+        shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+        removed.append(leftover.name)
+    return removed
+
