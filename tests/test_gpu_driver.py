@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from msa2net.data.synthetic import make_volume_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "scripts" / "gpu" / "detached.py"
+sys.path.insert(0, str(DRIVER.parent))
+from detached import alive  # noqa: E402
 
 
 def driver(*args, timeout=600):
@@ -19,6 +22,14 @@ def driver(*args, timeout=600):
     proc = subprocess.run([sys.executable, str(DRIVER), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def wait_for_end(work: Path, timeout: float = 300) -> None:
+    """Wait for the detached runs under ``work`` to end, checking twice a second (``watch`` checks every 10 s)."""
+    pids = [json.loads(job.read_text())["pid"] for job in work.glob("*/job.json")]
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +40,7 @@ def watched(tmp_path_factory):
     bundle_args = ["--", "--spatial_size", "[32,32]", "--val_interval", "1", "--batch_size", "4", "--cuda_graphs", "False"]
     driver("start", "--name", "first", "--budget_s", "12", *common, *bundle_args)
     out = tmp / "out1"
+    wait_for_end(tmp / "work")
     driver("watch", "--work", str(tmp / "work"), "--out", str(out), "--wait_s", "300", "--evaluate", "--weights", "first:latest")
     return tmp, common, bundle_args, out
 
@@ -56,6 +68,7 @@ def test_parts_join_to_the_recorded_weights_and_a_fresh_run_continues_from_them(
     # warm restart on a "fresh host": a new work folder, weights from the parts only
     driver("start", "--name", "second", "--budget_s", "5", "--init_parts", str(out), "--init_stem", package["stem"],
            *[a if a != str(tmp / "work") else str(tmp / "work2") for a in common], *bundle_args)
+    wait_for_end(tmp / "work2")
     driver("watch", "--work", str(tmp / "work2"), "--out", str(tmp / "out2"), "--wait_s", "300", "--evaluate")
     second = json.loads((tmp / "out2" / "status.json").read_text())["runs"]["second"]
     assert "--init_ckpt" in second["overrides"] and second["epochs_done"] >= 1
