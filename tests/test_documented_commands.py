@@ -163,4 +163,4 @@ def test_documented_commands_run_as_written_from_another_folder(tmp_path):
     net.load_state_dict(torch.load(BUNDLE / "models" / "model.pt", weights_only=True)["model"])
     x = torch.rand(1, 1, 224, 224)
     with torch.no_grad():
-        np.testing.assert_allclose(torch.jit.load(cwd / "model.ts")(x), net(x), atol=1e-4)
+        np.testing.assert_allclose(torch.jit.load(cwd / "model.ts")(x), net(x), rtol=1e-5, atol=1e-4)  # trained logits reach the tens
