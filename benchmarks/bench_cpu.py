@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from common import ROOT, bundle_spatial_size, env_header, env_info, md_table, write_results  # noqa: I001
+from common import ROOT, bundle_setting, bundle_spatial_size, env_header, env_info, md_table, write_results  # noqa: I001
 from msa2net.backends import CpuBackendNetwork
 from msa2net.inference import load_weights
 from msa2net.networks import create_msa2net
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--presets", default="base,paper")
     ap.add_argument("--backends", default=BACKENDS)
     ap.add_argument("--ckpt", default=None, help="weights for --ckpt_preset (others: random weights)")
-    ap.add_argument("--ckpt_preset", default="paper", help="the preset --ckpt belongs to (the shipped weights: paper)")
+    ap.add_argument("--ckpt_preset", default=None, help="the preset --ckpt belongs to (default: inference.json's, the shipped weights')")
     ap.add_argument("--spatial_size", type=int, nargs=2, default=None, help="H W (default: the bundle's spatial_size)")
     ap.add_argument("--num_classes", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="default: PyTorch's intra-op thread count")
@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--out_dir", default=None)
     ap.add_argument("--name", default="cpu")
     args = ap.parse_args()
+    args.ckpt_preset = args.ckpt_preset or bundle_setting("model_preset")
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()

@@ -27,14 +27,19 @@ from msa2net.networks import create_msa2net, list_presets  # noqa: E402
 MSA2NET = "msa2net_"
 
 
-def bundle_spatial_size(*overrides: str) -> list[int]:
-    """The in-plane slice size the bundle runs at: ``spatial_size`` of ``inference.json`` (plus override files,
-    e.g. ``profile_kvasir.json``, relative to ``bundle/configs``)."""
+def bundle_setting(key: str, *overrides: str):
+    """``key`` of ``inference.json`` as the bundle resolves it (plus override files, e.g. ``profile_kvasir.json``,
+    relative to ``bundle/configs``)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / f) for f in ("inference.json", *overrides)])
-    return [int(v) for v in parser.get_parsed_content("spatial_size")]
+    return parser.get_parsed_content(key)
+
+
+def bundle_spatial_size(*overrides: str) -> list[int]:
+    """The in-plane slice size the bundle runs at: ``spatial_size`` of ``inference.json`` (plus ``overrides``)."""
+    return [int(v) for v in bundle_setting("spatial_size", *overrides)]
 
 
 def network_names() -> list[str]:

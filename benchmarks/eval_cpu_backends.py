@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, env_header, env_info, md_table, write_results  # noqa: I001
+from common import ROOT, bundle_setting, env_header, env_info, md_table, write_results  # noqa: I001
 from msa2net.inference import load_weights
 from msa2net.networks import create_msa2net
 from msa2net.onnx_runtime import weights_digest
@@ -47,12 +47,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset_dir", required=True)
     ap.add_argument("--ckpt", default=str(ROOT / "bundle" / "models" / "model.pt"))
-    ap.add_argument("--preset", default="base")
+    ap.add_argument("--preset", default=None, help="preset of --ckpt (default: inference.json's, the shipped weights')")
     ap.add_argument("--backends", default="onnxruntime_int8")
     ap.add_argument("--max_drop", type=float, default=0.2, help="largest accepted Dice drop, in points")
     ap.add_argument("--out_dir", default=None)
     ap.add_argument("--name", default="cpu_dice")
     args = ap.parse_args()
+    args.preset = args.preset or bundle_setting("model_preset")
     net = create_msa2net(args.preset, in_channels=1, num_classes=4)
     load_weights(net, args.ckpt)
     digest = weights_digest(net)
