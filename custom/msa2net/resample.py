@@ -54,12 +54,12 @@ def _as_slices(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return x[None] if x.ndim == 3 else x[..., start:stop].permute(3, 0, 1, 2)
 
 
-def _put(out: torch.Tensor, start: int, stop: int, labels: torch.Tensor) -> None:
-    """Write ``(n, H, W)`` labels into ``out`` ``(1, H, W[, D])``."""
+def _put(out: torch.Tensor, start: int, stop: int, slices: torch.Tensor) -> None:
+    """Write ``(n, C, H, W)`` slices into ``out`` ``(C, H, W[, D])``: the inverse of :func:`_as_slices`."""
     if out.ndim == 3:
-        out[0] = labels[0]
+        out.copy_(slices[0])
     else:
-        out[0, :, :, start:stop] = labels.permute(1, 2, 0)
+        out[..., start:stop] = slices.permute(1, 2, 3, 0)
 
 
 def _plane(spatial_size: Sequence[int]) -> list[int]:
@@ -100,10 +100,7 @@ def resize_image(image: torch.Tensor, plane: Sequence[int], anti_aliasing: bool 
         small = F.interpolate(
             _as_slices(x, start, stop), size=tuple(plane), mode="bilinear", align_corners=False, antialias=anti_aliasing
         )
-        if out.ndim == 3:
-            out.copy_(small[0])
-        else:
-            out[..., start:stop] = small.permute(1, 2, 3, 0)
+        _put(out, start, stop, small)
     return out
 
 
@@ -124,7 +121,7 @@ def resize_label(label: torch.Tensor, plane: Sequence[int], num_classes: int | N
     for start, stop in _chunks(depth, chunk):
         onehot = F.one_hot(_as_slices(lbl, start, stop)[:, 0], k).permute(0, 3, 1, 2).float()
         small = F.interpolate(onehot, size=tuple(plane), mode="bilinear", align_corners=False, antialias=True)
-        _put(out, start, stop, small.argmax(1).to(torch.uint8))
+        _put(out, start, stop, small.argmax(1, keepdim=True).to(torch.uint8))
     return out
 
 
@@ -145,7 +142,7 @@ def restore_label(pred: torch.Tensor, plane: Sequence[int], softmax: bool = True
         x = x.softmax(1) if softmax else x
         if tuple(x.shape[-2:]) != tuple(plane):
             x = F.interpolate(x, size=tuple(plane), mode="bilinear", align_corners=False)
-        _put(out, start, stop, x.argmax(1).to(torch.uint8))
+        _put(out, start, stop, x.argmax(1, keepdim=True).to(torch.uint8))
     return out
 
 
