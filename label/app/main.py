@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -60,7 +61,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import file_ext
 
-from msa2net.atomic import atomic_torch_save
+from msa2net.atomic import atomic_path, atomic_torch_save, atomic_write_text
 from msa2net.bundle_tools import class_table
 from msa2net.terminology import term_for
 
@@ -288,13 +289,9 @@ class MSA2NetInferTask(BundleInferTask):
         affine = meta.get("affine")
         if affine is None:
             affine = label.affine
-        fd, path = tempfile.mkstemp(dir=self._results, suffix=".seg.nrrd")
-        os.close(fd)
-        try:
-            write_seg_nrrd(path, array, np.asarray(affine), self.segments)
-        except BaseException:
-            os.unlink(path)
-            raise
+        path = os.path.join(self._results, f"{uuid.uuid4().hex}.seg.nrrd")
+        with atomic_path(path) as tmp:
+            write_seg_nrrd(str(tmp), array, np.asarray(affine), self.segments)
         return path
 
 
@@ -356,11 +353,7 @@ class MSA2NetTrainTask(BundleTrainTask):
     def _write_stats(self, **values) -> None:
         # NaN/inf (a diverged run) are not JSON: /info would fail; they are reported as null.
         self._stats.update({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()})
-        os.makedirs(self.workdir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.workdir, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._stats, f, indent=2)
-        os.replace(tmp, os.path.join(self.workdir, STATS_FILE))
+        atomic_write_text(os.path.join(self.workdir, STATS_FILE), json.dumps(self._stats, indent=2))
 
     def __call__(self, request, datastore: Datastore):
         request = dict(request)
