@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "remove_partials"]
+__all__ = ["PARTIAL_PREFIX", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "remove_partials"]
 
+#: Start of every temporary name; what a killed writer leaves behind starts with it too.
 PARTIAL_PREFIX = ".partial-"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msa2net
-from msa2net.atomic import atomic_path
+from msa2net.atomic import PARTIAL_PREFIX, atomic_path
 
 __all__ = [
     "default_bundle_dir",
@@ -84,7 +84,7 @@ def export_bundle(out_dir: str | os.PathLike, bundle_dir: str | os.PathLike | No
         for part in _BUNDLE_PARTS:
             path = src / part
             if path.is_dir():
-                shutil.copytree(path, tmp / part, ignore=shutil.ignore_patterns("*.tmp", "resume_*", ".partial-*"))
+                shutil.copytree(path, tmp / part, ignore=shutil.ignore_patterns("*.tmp", "resume_*", f"{PARTIAL_PREFIX}*"))
             elif path.is_file():
                 shutil.copy2(path, tmp / part)
         shutil.copytree(
