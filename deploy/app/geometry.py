@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from selection import IMAGE_SOP_CLASSES
 
+from monai.data.utils import orientation_ras_lps
 from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
 from msa2net.dicom import order_slices
 from msa2net.errors import InputError
@@ -56,7 +57,7 @@ class SeriesGeometry:
 
     def ras_affine(self) -> np.ndarray:
         """Index ``(column, row, slice)`` -> RAS millimetres (NIfTI convention)."""
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.lps_affine()
+        return orientation_ras_lps(self.lps_affine())
 
 
 def _floats(ds, key: str, n: int, where: str) -> np.ndarray:

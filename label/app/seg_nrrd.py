@@ -23,6 +23,7 @@ from typing import Sequence
 
 import nrrd
 import numpy as np
+from monai.data.utils import orientation_ras_lps
 
 from msa2net.terminology import ANATOMY_CATEGORY, SegmentTerm
 
@@ -98,7 +99,7 @@ def write_seg_nrrd(path: str, label: np.ndarray, affine: np.ndarray, segments: S
     if unknown:
         raise ValueError(f"{name}: label values {unknown} have no segment (segments: {[s.value for s in segments]}).")
 
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    lps = orientation_ras_lps(affine)
     # The whole grid is the extent of every segment: segments of one layer share one labelmap, and Slicer
     # crops that labelmap to the extent of the first segment it reads.
     extent = " ".join(f"0 {n - 1}" for n in label.shape)
