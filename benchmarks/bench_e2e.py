@@ -25,6 +25,7 @@ chosen preset with random weights (saved as a ``{"model": state_dict}`` checkpoi
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import tempfile
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--out_dir", default=None)
     ap.add_argument("--name", default="e2e")
     ap.add_argument("--anchor", type=int, default=1, help="also run the model-zoo SwinUNETR recipe (1) or not (0)")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (JSON values), e.g. cuda_graphs=false")
     args = ap.parse_args()
 
     from monai.bundle import ConfigParser
@@ -142,6 +144,8 @@ def main() -> None:
     over = {"bundle_root": str(BUNDLE), "dataset_dir": str(work / "in"), "output_dir": str(work / "out"), "ckpt_path": str(ckpt), "model_preset": args.preset}
     if args.output_ext:
         over["output_ext"] = args.output_ext
+    settings = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
+    over.update(settings)
     parser.update(over)
     parser.parse()
     net = parser.get_parsed_content("network")
@@ -212,6 +216,7 @@ def main() -> None:
         "volume": {"shape": list(in_img.shape), "spacing_mm": [float(v) for v in in_img.header.get_zooms()], "dtype": str(in_img.get_data_dtype()), "file": img_path.name, "bytes": img_path.stat().st_size, "generate_s": gen_s},
         "preset": args.preset,
         "weights": "random",
+        "config_overrides": settings,
         "amp": amp,
         "e2e_total_s": statistics.median(warm),
         "e2e_runs_s": totals,
@@ -221,12 +226,13 @@ def main() -> None:
         "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "output_files": out_files,
         "output_geometry_matches_input": bool(geometry_ok),
-        "target_e2e_total_s": 2.0,
+        "target_e2e_total_s": 1.0,
         "gzip_backend": gzip_backend(),
         "zoo_swin_unetr_anchor": anchor,
     }
     rows = [{"stage": k, "seconds": v} for k, v in stage_med.items()] + [{"stage": "sum of stages", "seconds": results["stages_sum_s"]}, {"stage": "e2e_total_s (evaluator.run, warm)", "seconds": results["e2e_total_s"]}]
     md = [f"# End-to-end bundle inference, {args.size}x{args.size}x{args.depth} CT-sized NIfTI ({args.preset}, random weights)\n", env_header(env), "",
+          f"- config overrides: {settings or 'none'}; gzip: {gzip_backend()}",
           f"- input {img_path.name}, {results['volume']['bytes'] / 2**20:.1f} MiB; output geometry equals input: {geometry_ok}",
           f"- peak GPU memory {peak_gpu and round(peak_gpu, 2)} GiB; peak host memory {results['peak_host_gib']:.2f} GiB; runs {[round(v, 3) for v in totals]} s (first is warm-up)\n",
           md_table(rows, ["stage", "seconds"])]

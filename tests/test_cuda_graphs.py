@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from msa2net.cuda_graphs import GraphedForward, own_gradients
+from monai.inferers import SliceInferer
+
+from msa2net.cuda_graphs import GraphedForward, GraphedInferer, own_gradients
 from msa2net.networks import create_msa2net
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -77,18 +79,40 @@ def test_inference_graphs_equal_eager_per_shape():
     assert len(wrapped._infer) == 2  # the third shape ran eagerly
 
 
+def test_graphed_inferer_on_the_cpu_is_the_inferer_itself():
+    net = tiny().eval()
+    volume = torch.randn(1, 1, 64, 64, 5)
+    inferer = SliceInferer(roi_size=(64, 64), spatial_dim=2, sw_batch_size=2, progress=False)
+    with torch.no_grad():
+        assert torch.equal(GraphedInferer(inferer)(volume, net), inferer(volume, net))
+
+
 @needs_cuda
-def test_training_graph_follows_eager_steps():
+def test_graphed_inferer_pads_the_short_last_batch_into_the_full_batch_graph():
+    net = tiny().cuda().eval()
+    volume = torch.randn(1, 1, 64, 64, 70, device="cuda")  # slices in batches of 32, 32 and 6
+    inferer = SliceInferer(roi_size=(64, 64), spatial_dim=2, sw_batch_size=32, progress=False)
+    graphed = GraphedInferer(inferer)
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(volume, net), inferer(volume, net), rtol=1e-3, atol=1e-3)  # TF32, batch-size-dependent kernels
+        torch.testing.assert_close(graphed(volume[..., :5], net), inferer(volume[..., :5], net), rtol=1e-3, atol=1e-3)
+    (wrapped,) = graphed._graphed.values()
+    assert [k[0][0] for k in wrapped._infer] == [32]  # one graph: the short batches were padded into it
+
+
+@needs_cuda
+@pytest.mark.parametrize("copy_gradients, set_to_none", [(True, False), (False, True)])
+def test_training_graph_follows_eager_steps(copy_gradients, set_to_none):
     torch.backends.cudnn.deterministic = True
     batches = [(torch.randn(4, 1, 64, 64, device="cuda"), torch.randint(0, 3, (4, 64, 64), device="cuda")) for _ in range(3)]
     losses = {}
     for graphed in (False, True):
         net = tiny().cuda().train()
-        model = GraphedForward(net) if graphed else net
+        model = GraphedForward(net, copy_gradients=copy_gradients) if graphed else net
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         losses[graphed] = []
         for x, y in batches:
-            opt.zero_grad(set_to_none=False)  # in place, as MONAI's SupervisedTrainer does
+            opt.zero_grad(set_to_none=set_to_none)  # in place by default, as MONAI's SupervisedTrainer does
             loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()

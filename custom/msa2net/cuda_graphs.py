@@ -13,9 +13,16 @@ stay those of the wrapped module):
   by those steps (gradients of the warm-up are discarded). The graph hands out its gradients in
   buffers it rewrites on every replay; autograd may keep such a buffer as ``param.grad`` and then
   add the next replay's gradient to itself (twice the gradient once gradients are zeroed in place,
-  as MONAI's trainers do by default). :func:`own_gradients` hooks give each parameter a copy instead;
+  as MONAI's trainers do by default). :func:`own_gradients` hooks give each parameter a copy instead.
+  A trainer that sets gradients to ``None`` before every backward pass (``optim_set_to_none``, no
+  gradient accumulation) may pass ``copy_gradients=False``: each ``.grad`` is then the replay's
+  buffer itself, consumed before the next replay, which saves a copy per parameter and step;
 * inference (eval mode, no gradients): one graph per input shape and dtype, up to ``max_graphs``;
-  replays are serialised by a lock, so threads (a MONAI Label server) never share the static buffers;
+  a batch smaller than one already captured with the same per-sample shape is zero-padded to it and
+  the padding cut from the output (the last, short batch of a sliding window reuses the full batch's
+  graph instead of capturing another: valid because an eval-mode network treats samples
+  independently); replays are serialised by a lock, so threads (a MONAI Label server) never share
+  the static buffers;
 * anything else (CPU tensors, gradients in eval mode, ...): the eager module.
 
 Captures run under the caller's autocast state with autocast's weight-cast cache switched off: a
@@ -26,11 +33,14 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
+from collections.abc import Callable
 
 import torch
+from monai.inferers import Inferer
 from torch import nn
 
-__all__ = ["GraphedForward", "own_gradients"]
+__all__ = ["GraphedForward", "GraphedInferer", "own_gradients"]
 
 
 def _own_copy(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -64,16 +74,19 @@ class GraphedForward(nn.Module):
         warmup: eager passes before each capture (cuDNN autotuning, allocator warm-up).
         max_graphs: inference graphs kept (one per input shape); later shapes run eagerly.
         enabled: ``False`` always runs ``module`` eagerly (so a config can switch graphs off in place).
+        copy_gradients: give each parameter its own gradient copy (:func:`own_gradients`); ``False``
+            only for a trainer that sets gradients to ``None`` every step (see the module docstring).
 
     Shapes: as ``module``.
     """
 
-    def __init__(self, module: nn.Module, warmup: int = 3, max_graphs: int = 8, enabled: bool = True) -> None:
+    def __init__(self, module: nn.Module, warmup: int = 3, max_graphs: int = 8, enabled: bool = True, copy_gradients: bool = True) -> None:
         super().__init__()
         if warmup < 1 or max_graphs < 0:
             raise ValueError(f"warmup must be >= 1 and max_graphs >= 0, got {warmup}, {max_graphs}.")
         self.module = module
         self.warmup, self.max_graphs, self.enabled = warmup, max_graphs, bool(enabled)
+        self.copy_gradients = bool(copy_gradients)
         # Plain dicts, so the graphed shell is not registered as a second copy of the module.
         self._train: dict[str, object] = {}
         self._infer: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
@@ -105,7 +118,7 @@ class GraphedForward(nn.Module):
         if not self._train:
             with self._uncached_autocast():
                 call = torch.cuda.make_graphed_callables(_Call(self.module), (x,), num_warmup_iters=self.warmup)
-            self._train.update(key=key, call=call, hooks=own_gradients(self.module))
+            self._train.update(key=key, call=call, hooks=own_gradients(self.module) if self.copy_gradients else [])
         if key != self._train["key"]:
             return self.module(x)
         return self._train["call"](x)
@@ -114,9 +127,21 @@ class GraphedForward(nn.Module):
         with self._infer_lock:
             return self._infer_locked(x)
 
+    def _padded_key(self, x: torch.Tensor) -> tuple | None:
+        """The key of the smallest captured batch that ``x`` fits when zero-padded along the batch."""
+        shape, dtype, amp = self._key(x)
+        fits = [k for k in self._infer if k[0][1:] == shape[1:] and k[0][0] > shape[0] and k[1:] == (dtype, amp)]
+        return min(fits, key=lambda k: k[0][0]) if fits else None
+
     def _infer_locked(self, x: torch.Tensor) -> torch.Tensor:
         key = self._key(x)
         entry = self._infer.get(key)
+        if entry is None and (padded := self._padded_key(x)) is not None:
+            graph, static_in, static_out = self._infer[padded]
+            static_in[: len(x)].copy_(x)
+            static_in[len(x) :].zero_()
+            graph.replay()
+            return static_out[: len(x)].clone()
         if entry is None:
             if len(self._infer) >= self.max_graphs:
                 return self.module(x)
@@ -137,3 +162,33 @@ class GraphedForward(nn.Module):
         graph.replay()
         # The next replay overwrites static_out; callers keep their own copy.
         return static_out.clone()
+
+
+class GraphedInferer(Inferer):
+    """Run a MONAI inferer with the network replayed from CUDA graphs (:class:`GraphedForward`).
+
+    The network handed to :meth:`__call__` stays as it is (weights are loaded into it as usual); a
+    :class:`GraphedForward` around it is kept per network and used for CUDA inputs in eval mode without
+    gradients. CPU inputs and ``enabled=False`` call ``inferer`` with the network itself.
+
+    Args:
+        inferer: the inferer to run (e.g. MONAI's ``SliceInferer``).
+        enabled: replay from CUDA graphs where possible.
+        warmup: eager passes before each capture.
+        max_graphs: graphs kept per network (one per batch shape).
+    """
+
+    def __init__(self, inferer: Callable, enabled: bool = True, warmup: int = 2, max_graphs: int = 8) -> None:
+        super().__init__()
+        self.inferer, self.enabled = inferer, bool(enabled)
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self._graphed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs):
+        use = self.enabled and isinstance(network, nn.Module) and inputs.is_cuda and not torch.is_grad_enabled() and not network.training
+        if not use:
+            return self.inferer(inputs, network, *args, **kwargs)
+        graphed = self._graphed.get(network)
+        if graphed is None:
+            graphed = self._graphed[network] = GraphedForward(network, warmup=self.warmup, max_graphs=self.max_graphs)
+        return self.inferer(inputs, graphed, *args, **kwargs)
