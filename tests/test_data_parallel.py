@@ -24,16 +24,17 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
         net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
         handler = GradientAllReduce(net)
         handler.broadcast()
-        g = torch.Generator().manual_seed(100 + rank)  # each process its own batch
-        x = torch.randn(8, 4, generator=g)
-        net(x).pow(2).sum().backward()
-        local = [p.grad.clone() for p in net.parameters()]
-        handler.all_reduce()
-        out[rank] = {
-            "weights": [p.detach().clone() for p in net.parameters()],
-            "local": local,
-            "averaged": [p.grad.clone() for p in net.parameters()],
-        }
+        g = torch.Generator().manual_seed(100 + rank)  # each process its own batches
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        steps = []
+        for _ in range(3):  # as MONAI's trainer: gradients zeroed in place, then backward, all-reduce, step
+            opt.zero_grad(set_to_none=False)
+            net(torch.randn(8, 4, generator=g)).pow(2).sum().backward()
+            local = [p.grad.clone() for p in net.parameters()]
+            handler.all_reduce()
+            steps.append({"local": local, "averaged": [p.grad.clone() for p in net.parameters()], "flat": handler._flat.data_ptr()})
+            opt.step()
+        out[rank] = {"weights": [p.detach().clone() for p in net.parameters()], "steps": steps}
     finally:
         dist.destroy_process_group()
 
@@ -44,11 +45,14 @@ def test_weights_broadcast_and_gradients_averaged():
         mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
         r0, r1 = out[0], out[1]
     for a, b in zip(r0["weights"], r1["weights"]):
-        assert torch.equal(a, b)
-    for l0, l1, a0, a1 in zip(r0["local"], r1["local"], r0["averaged"], r1["averaged"]):
-        assert not torch.allclose(l0, l1)  # the two batches really differ
-        torch.testing.assert_close(a0, (l0 + l1) / 2)
-        assert torch.equal(a0, a1)
+        assert torch.equal(a, b)  # broadcast first, then identical averaged steps keep them equal
+    for s0, s1 in zip(r0["steps"], r1["steps"]):
+        for l0, l1, a0, a1 in zip(s0["local"], s1["local"], s0["averaged"], s1["averaged"]):
+            assert not torch.allclose(l0, l1)  # the two batches really differ
+            torch.testing.assert_close(a0, (l0 + l1) / 2)
+            assert torch.equal(a0, a1)
+    # after the first step the gradients live in one buffer that autograd fills in place
+    assert len({s["flat"] for s in r0["steps"]}) == 1
 
 
 def test_without_a_process_group_nothing_changes():

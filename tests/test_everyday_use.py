@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from conftest import BUNDLE, ROOT
 from msa2net.handlers import EpochProgressBar
@@ -145,11 +145,16 @@ def _trainer_with_loss(epoch_seconds: float = 0.0) -> Engine:
     return Engine(step)
 
 
-def test_progress_bar_keeps_a_running_loss():
+def test_progress_bar_keeps_a_running_loss_on_a_terminal_only():
     trainer = _trainer_with_loss()
-    EpochProgressBar(alpha=0.5).attach(trainer)
+    EpochProgressBar(alpha=0.5, terminal=True).attach(trainer)
     trainer.run([1.0, 3.0], max_epochs=1)
     assert trainer.state.metrics["running_loss"] == pytest.approx(2.0)
+    quiet = _trainer_with_loss()
+    EpochProgressBar(terminal=False).attach(quiet)  # a log file: no per-iteration read-back of the loss
+    assert not quiet._event_handlers[Events.ITERATION_COMPLETED]
+    quiet.run([1.0, 3.0], max_epochs=1)
+    assert "running_loss" not in quiet.state.metrics
 
 
 def test_mlflow_override_adds_monais_handler_to_trainer_and_validator():

@@ -12,7 +12,7 @@ from ignite.engine import Engine, Events
 
 from msa2net.data.augment import RandSliceAugmentd, SliceAugmentation
 from msa2net.schedule import IterationLR, TimeBudget, lr_factor
-from msa2net.step_handlers import EMAUpdate, GradientClipping, model_ema
+from msa2net.step_handlers import EMAUpdate, GradientClipping, NoLossScalingForBF16, model_ema
 from msa2net.tta import FlipTTAInferer
 
 BUNDLE_AUG = json.loads((Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json").read_text())["augmentation_params"]
@@ -68,6 +68,19 @@ def test_gradient_clipping_bounds_the_global_norm():
         GradientClipping(net, max_norm=0)
 
 
+def test_gradient_clipping_equals_torchs_clip_grad_norm():
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(6, 2)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    for net in nets:
+        net(x).pow(2).sum().mul(50).backward()
+    GradientClipping(nets[0], max_norm=0.5)(SimpleNamespace(amp=False, scaler=None, optimizer=None))
+    torch.nn.utils.clip_grad_norm_(nets[1].parameters(), 0.5)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_ema_follows_the_weights_slowly():
     net = torch.nn.Linear(2, 2)
     ema = model_ema(net, decay=0.9)
@@ -82,6 +95,31 @@ def test_ema_follows_the_weights_slowly():
     assert torch.allclose(ema.module.weight, net.weight - 0.9)
     with pytest.raises(ValueError):
         model_ema(net, decay=1.0)
+
+
+def test_ema_update_equals_timms_own_update_with_buffers():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    ours, timms = model_ema(net, decay=0.99), model_ema(net, decay=0.99)
+    updater = EMAUpdate(ours, net)
+    for step in (1, 5, 50):
+        net.train()(torch.randn(2, 1, 8, 8))  # moves the BatchNorm statistics and num_batches_tracked
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        updater(SimpleNamespace(state=SimpleNamespace(iteration=step)))
+        timms.update(net, step=step)
+    for (name, a), b in zip(ours.module.state_dict().items(), timms.module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_bf16_trainer_runs_without_loss_scaling_and_fp16_keeps_it():
+    for dtype, scaled in ((torch.bfloat16, False), (torch.float16, True)):
+        engine = SimpleNamespace(amp=True, amp_kwargs={"dtype": dtype}, scaler=torch.amp.GradScaler("cuda", enabled=torch.cuda.is_available()))
+        before = engine.scaler
+        NoLossScalingForBF16()(engine)
+        assert (engine.scaler is before) == scaled
+        assert scaled or not engine.scaler.is_enabled()
 
 
 def test_flip_tta_averages_probabilities_of_flipped_passes():

@@ -8,7 +8,9 @@ training step another way, for networks wrapped in :class:`msa2net.cuda_graphs.G
   when it is built);
 * after each backward pass (MONAI's ``IterationEvents.BACKWARD_COMPLETED``, before the optimiser and
   the gradient scaler's step), the gradients are averaged over all processes with one all-reduce of
-  one flat buffer.
+  one flat buffer, kept from step to step: gathered by one ``torch.cat``, averaged, and copied back
+  by one multi-tensor copy (a copy per parameter would be hundreds of kernel launches, host time
+  on every iteration).
 
 BatchNorm statistics stay per process, as under DDP without ``SyncBatchNorm``. Without an
 initialised process group both steps do nothing, so one config serves one and several GPUs.
@@ -21,7 +23,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _unflatten_dense_tensors
 
 __all__ = ["GradientAllReduce"]
 
@@ -39,6 +41,9 @@ class GradientAllReduce:
 
     def __init__(self, network: nn.Module) -> None:
         self.network = network
+        self._flat: torch.Tensor | None = None
+        self._views: list[torch.Tensor] = []
+        self._shapes: list = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.broadcast)
@@ -57,8 +62,12 @@ class GradientAllReduce:
         grads = [p.grad for p in self.network.parameters() if p.grad is not None]
         if not grads:
             return
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat.div_(dist.get_world_size())
-        for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(avg)
+        shapes = [(g.shape, g.dtype) for g in grads]
+        if shapes != self._shapes:
+            self._flat = grads[0].new_empty(sum(g.numel() for g in grads))
+            self._views = list(_unflatten_dense_tensors(self._flat, grads))
+            self._shapes = shapes
+        torch.cat([g.reshape(-1) for g in grads], out=self._flat)
+        dist.all_reduce(self._flat)
+        self._flat.div_(dist.get_world_size())
+        torch._foreach_copy_(grads, self._views)

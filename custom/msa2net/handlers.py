@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -175,21 +176,29 @@ class TrainingLogWriter:
 class EpochProgressBar:
     """ignite's progress bar over each epoch's iterations, showing the running mean of the loss.
 
-    The bar is drawn only on a terminal (tqdm's ``disable=None``) and by the first process, so logs
-    written to files stay one line per epoch.
+    Only a terminal gets the bar (and only from the first process), so logs written to files stay
+    one line per epoch. Without a bar nothing is attached: the running loss reads the loss back from
+    the GPU every iteration (and all-reduces it across processes in data-parallel runs), a wait that
+    would keep the host from queueing the next steps ahead of the GPU. Data-parallel runs show the
+    bar without the running loss for the same reason.
 
     Args:
         alpha: smoothing of the running loss (ignite's ``RunningAverage``).
+        terminal: whether a terminal shows the bar; ``None`` asks whether standard error is one.
     """
 
-    def __init__(self, alpha: float = 0.98) -> None:
-        self.alpha = alpha
+    def __init__(self, alpha: float = 0.98, terminal: bool | None = None) -> None:
+        self.alpha, self.terminal = alpha, terminal
 
     def attach(self, engine: Engine) -> None:
-        loss = RunningAverage(output_transform=_loss, alpha=self.alpha)
-        loss.attach(engine, "running_loss")
-        if _is_main_process():
-            ProgressBar(persist=False, disable=None).attach(engine, metric_names=["running_loss"])
+        terminal = sys.stderr.isatty() if self.terminal is None else self.terminal
+        if not terminal or not _is_main_process():
+            return
+        names = None
+        if not torch.distributed.is_initialized():
+            RunningAverage(output_transform=_loss, alpha=self.alpha).attach(engine, "running_loss")
+            names = ["running_loss"]
+        ProgressBar(persist=False, disable=False).attach(engine, metric_names=names)
 
 
 def _is_main_process() -> bool:

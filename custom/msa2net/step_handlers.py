@@ -1,4 +1,5 @@
-"""Handlers that act on every optimiser step: gradient clipping and an exponential moving average of the weights."""
+"""Handlers that act on every optimiser step: gradient clipping, an exponential moving average of the
+weights, and no loss scaling under bfloat16."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from timm.utils import ModelEmaV3
 
-__all__ = ["GradientClipping", "EMAUpdate", "model_ema"]
+__all__ = ["GradientClipping", "EMAUpdate", "NoLossScalingForBF16", "model_ema"]
 
 
 class GradientClipping:
@@ -25,6 +26,7 @@ class GradientClipping:
         if max_norm <= 0:
             raise ValueError(f"max_norm must be positive, got {max_norm}.")
         self.network, self.max_norm = network, float(max_norm)
+        self._params: list[torch.nn.Parameter] | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
@@ -33,27 +35,76 @@ class GradientClipping:
         scaler = getattr(engine, "scaler", None)
         if getattr(engine, "amp", False) and scaler is not None:
             scaler.unscale_(engine.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.max_norm)
+        if self._params is None:
+            self._params = list(self.network.parameters())
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return
+        if len({(g.device, g.dtype) for g in grads}) > 1 or grads[0].is_sparse:
+            torch.nn.utils.clip_grad_norm_(self._params, self.max_norm)
+            return
+        # clip_grad_norm_'s arithmetic for one device and dtype, without its per-tensor
+        # regrouping and device moves: a few hundred host calls on every step for this network
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, torch.clamp(self.max_norm / (total + 1e-6), max=1.0))
 
 
 class EMAUpdate:
     """Update an exponential moving average of the weights after every iteration.
 
+    The decay (with its warm-up) is the EMA's own (``ema.get_decay(step)``); the update is one
+    ``torch._foreach_lerp_`` over floating-point weights and buffers and a copy of the others, as
+    ``timm.utils.ModelEmaV3.update`` does, but over tensor lists gathered once instead of two state
+    dicts rebuilt every step (host time that otherwise recurs on every iteration). Weights loaded
+    later (a resumed run) are copied in place, so the gathered tensors stay the live ones.
+
     Args:
-        ema: the averaged model (``timm.utils.ModelEmaV3``, which also sets the decay's warm-up from the step).
+        ema: the averaged model (``timm.utils.ModelEmaV3``).
         network: the trained module.
         enabled: ``False`` attaches nothing (the bundle's ``use_ema``).
     """
 
     def __init__(self, ema: torch.nn.Module, network: torch.nn.Module, enabled: bool = True) -> None:
         self.ema, self.network, self.enabled = ema, network, bool(enabled)
+        self._floats: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._others: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def attach(self, engine: Engine) -> None:
         if self.enabled:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
+    def _gather(self) -> None:
+        pairs = list(zip(self.ema.module.state_dict().values(), _unwrap(self.network).state_dict().values()))
+        self._floats = ([e for e, _ in pairs if e.is_floating_point()], [m for e, m in pairs if e.is_floating_point()])
+        self._others = [(e, m) for e, m in pairs if not e.is_floating_point()]
+
+    @torch.no_grad()
     def __call__(self, engine: Engine) -> None:
-        self.ema.update(_unwrap(self.network), step=engine.state.iteration)
+        if self._floats is None:
+            self._gather()
+        decay = self.ema.get_decay(engine.state.iteration)
+        torch._foreach_lerp_(self._floats[0], self._floats[1], 1.0 - decay)
+        for ema_v, model_v in self._others:
+            ema_v.copy_(model_v)
+
+
+class NoLossScalingForBF16:
+    """Switch MONAI's gradient scaler off when the trainer autocasts to bfloat16.
+
+    MONAI's trainers create a ``GradScaler`` whenever ``amp`` is on. bfloat16 has float32's exponent
+    range, so scaling the loss buys nothing, and the scaler's overflow check reads a flag back from
+    the GPU at every step, which stops the host from queueing work ahead of it. A disabled scaler
+    passes the loss and the optimiser step through unchanged. Float16 autocast keeps its scaler.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        # after Trainer.run() has created the scaler
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        dtype = getattr(engine, "amp_kwargs", {}).get("dtype")
+        if getattr(engine, "amp", False) and dtype == torch.bfloat16:
+            engine.scaler = torch.amp.GradScaler("cuda", enabled=False)
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Data-parallel check of multi_gpu_train.json on one host: the same ACDC training on 1 GPU and on N GPUs
-# (torchrun, DDP over NCCL), same global batch and epochs; writes each run's training_log.csv and
+# Data-parallel check of multi_gpu_train.json on one host: the same ACDC training (the bundle's recipe) on 1 GPU
+# and on N GPUs (torchrun, DDP over NCCL), same global batch and epochs; writes each run's training_log.csv and
 # ddp_check.json (slices/s from the epochs without validation, final validation Dice) into OUT_DIR.
 # From the repository root, with monai, nibabel, pytorch-ignite and fire installed, the ACDC data under .gpudata/acdc and
 #   export PYTHONPATH=$PWD/custom:$PYTHONPATH
@@ -17,10 +17,10 @@ if [ "$graphs" = 1 ]; then extra=",'configs/multi_gpu_cuda_graphs.json'"; else c
 for n in 1 "$gpus"; do
   run=/tmp/ddp_check/gpus$n; rm -rf "$run"; mkdir -p "$run"
   if [ "$n" = 1 ]; then
-    cfg="['configs/train.json','configs/profile_acdc.json','configs/adamw.json','configs/gpu_train.json']"
+    cfg="['configs/train.json','configs/profile_acdc.json','configs/gpu_train.json']"
     launch=(python3 -m monai.bundle run training)
   else
-    cfg="['configs/train.json','configs/profile_acdc.json','configs/adamw.json','configs/multi_gpu_train.json','configs/gpu_train.json'$extra]"
+    cfg="['configs/train.json','configs/profile_acdc.json','configs/multi_gpu_train.json','configs/gpu_train.json'$extra]"
     launch=(torchrun --standalone --nproc_per_node "$n" -m monai.bundle run training)
   fi
   t0=$(date +%s)
