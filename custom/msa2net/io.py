@@ -297,6 +297,18 @@ class _FastNibabelWriter(NibabelWriter):
             file_map=kwargs.pop("file_map", None),
         )
 
+    def set_metadata(self, meta_dict, resample: bool = True, **options) -> None:
+        if resample:
+            return super().set_metadata(meta_dict, resample=resample, **options)
+        # Without resampling, NibabelWriter's SpatialResample only copies the voxels to float64 and
+        # keeps the affine; take the affine directly (a label map then stays uint8 end to end).
+        _, affine, _ = self.get_meta_info(meta_dict)
+        if self.output_dtype is None and getattr(self.data_obj, "dtype", None) is not None:
+            self.output_dtype = self.data_obj.dtype
+        if affine is None:
+            affine = self.data_obj.affine if isinstance(self.data_obj, MetaTensor) else np.eye(4)
+        self.affine = affine
+
     def write(self, filename, verbose: bool = False, **obj_kwargs) -> None:
         if not str(filename).endswith(".gz"):
             return super().write(filename, verbose=verbose, **obj_kwargs)
