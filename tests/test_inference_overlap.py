@@ -128,20 +128,19 @@ def test_cases_are_read_in_a_background_thread_while_the_previous_one_is_inferre
     folder, ckpt = inputs
     net = ThresholdNet(delay=0.3)
     eng = engine(folder, ckpt, tmp_path / "out", net)
-    reads = []
+    reads = {}
     preprocess = eng.dataset.transform
 
     def timed(data):
-        start = time.perf_counter()
-        result = preprocess(data)
-        reads.append((data["image"].split("/")[-1], threading.current_thread().name, start))
-        return result
+        reads[data["image"].split("/")[-1]] = (threading.current_thread().name, time.perf_counter())
+        return preprocess(data)
 
     eng.dataset.transform = timed
     run_logged(eng, caplog)
-    assert all(thread.startswith("msa2net-read") for _, thread, _ in reads)
-    b_read_start = next(start for name, _, start in reads if name == "b_good.nii.gz")
-    assert b_read_start < net.calls[0][1]  # case 2 is read during case 1's inference
+    assert all(thread.startswith("msa2net-read") for thread, _ in reads.values())
+    first, second = net.calls[:2]
+    assert reads["b_good.nii.gz"][1] >= first[1]  # the first inference runs alone
+    assert second[0] < reads["c_corrupt.nii.gz"][1] < second[1]  # case 3 is read during case 2's inference
 
 
 def test_unreadable_checkpoint_stops_before_any_case_with_exit_2(inputs, tmp_path, caplog):

@@ -160,9 +160,9 @@ class CaseByCaseInference:
     postprocessing's final ``SaveImage(d)`` step (what comes before it, e.g. restoring the input's
     grid, runs right after inference, so the network's output is freed at once), or all of the
     postprocessing when it does not end with one. At most three cases are held at once: one read
-    ahead, one inferred, one being written. On a GPU the first inference runs alone (CUDA graphs are
-    captured then, and a capture must not meet other threads' CUDA calls); the overlap starts with
-    the second case.
+    ahead, one inferred, one being written. The first inference runs alone (CUDA graphs are captured
+    and CPU backends timed then, neither of which may meet other threads' work); the overlap starts
+    with the second case, and the only overlap for a single case is its read with the weights' load.
 
     Args:
         dataset: an :class:`InputFolder` (its transform is the preprocessing).
@@ -258,8 +258,9 @@ class CaseByCaseInference:
             reading.cancel()
             raise
         self.network.eval()
-        # A CUDA graph capture (first inference) must not meet the reader thread's CUDA calls.
-        hold_first = torch.device(self.device).type == "cuda"
+        # The first inference runs alone: CUDA graphs are captured then (a capture must not meet other
+        # threads' CUDA calls) and a CPU backend times its candidates then (a read beside it skews them).
+        hold_first = True
         writing: tuple[int, str, Future] | None = None
 
         def finish_write() -> None:  # the case being written: logged before any later case
