@@ -252,11 +252,7 @@ class CaseByCaseInference:
         restore, write = self._restore_and_write()
         starts = [time.perf_counter()] + [0.0] * (len(datalist) - 1)
         reading: Future = reader.submit(self._read, 0)
-        try:  # the first case is read while the weights load
-            load_weights_or_exit(self.network, self.ckpt_path, self.device)
-        except SystemExit:
-            reading.cancel()
-            raise
+        load_weights_or_exit(self.network, self.ckpt_path, self.device)  # while the first case is read
         self.network.eval()
         # The first inference runs alone: CUDA graphs are captured then (a capture must not meet other
         # threads' CUDA calls) and a CPU backend times its candidates then (a read beside it skews them).
