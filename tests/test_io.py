@@ -41,12 +41,14 @@ def test_fast_reader_equals_nibabel_reader(tmp_path, dtype, ext, slope_inter, af
     path = tmp_path / f"v{ext}"
     nib.save(img, path)
     ref = LoadImage(reader=NibabelReader, image_only=True)(path)
-    got = LoadImage(reader=FastNibabelReader, image_only=True)(path)
-    assert got.dtype == ref.dtype == torch.float32
-    torch.testing.assert_close(got.as_tensor(), ref.as_tensor(), rtol=0, atol=0)
-    np.testing.assert_allclose(got.affine, ref.affine)
-    assert set(got.meta) == set(ref.meta)
-    np.testing.assert_array_equal(got.meta["spatial_shape"], ref.meta["spatial_shape"])
+    stored = LoadImage(reader=FastNibabelReader, image_only=True)(path)  # decoded in the stored type, cast by LoadImage
+    fused = load_imaged("image", image_only=True)({"image": path})["image"]  # decoded straight into float32
+    for got in (stored, fused):
+        assert got.dtype == ref.dtype == torch.float32 and got.is_contiguous()
+        torch.testing.assert_close(got.as_tensor(), ref.as_tensor(), rtol=0, atol=0)
+        np.testing.assert_allclose(got.affine, ref.affine)
+        assert set(got.meta) == set(ref.meta)
+        np.testing.assert_array_equal(got.meta["spatial_shape"], ref.meta["spatial_shape"])
 
 
 @pytest.mark.parametrize("backend", ["installed", "standard library"])
@@ -143,6 +145,15 @@ def test_threaded_gzip_is_one_standard_member_that_nibabel_and_itk_read_back(tmp
     for attr in ("GetOrigin", "GetSpacing"):
         np.testing.assert_allclose(np.array(getattr(got, attr)()), np.array(getattr(want, attr)()))
     np.testing.assert_allclose(itk.array_from_matrix(got.GetDirection()), itk.array_from_matrix(want.GetDirection()))
+
+
+def test_without_isal_the_standard_library_writes_one_member(tmp_path, monkeypatch):
+    monkeypatch.setattr(msa2net.io, "_gzip", None)
+    label = blobs()
+    path = tmp_path / "seg.nii.gz"
+    write_label(path, label, OBLIQUE)
+    assert gzip_members(path.read_bytes()) == 1
+    np.testing.assert_array_equal(np.asanyarray(nib.load(path).dataobj), label)
 
 
 def test_threaded_gzip_reads_back_in_simpleitk(tmp_path):
