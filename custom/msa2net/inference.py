@@ -174,7 +174,8 @@ class CaseByCaseInference:
         device: where the network runs.
         amp: autocast the forward pass.
         prefetch: overlap reading, inference and writing of consecutive cases (``False``: one case
-            at a time, the least memory: for a GPU or host that holds only one case).
+            at a time, the least memory: for a GPU or host that holds only one case; on the bundle's
+            command line ``--evaluator#prefetch false``).
     """
 
     def __init__(
