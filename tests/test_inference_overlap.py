@@ -57,7 +57,7 @@ def inputs(tmp_path_factory):
     return folder, ckpt
 
 
-def engine(folder, ckpt, out, network, prefetch=True, **kw) -> CaseByCaseInference:
+def engine(folder, ckpt, out, network, prefetch: bool | None = True, **kw) -> CaseByCaseInference:
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
     parser.update({
@@ -124,10 +124,12 @@ def test_a_failed_write_fails_its_case_alone_and_leaves_no_file(inputs, tmp_path
     assert not list(out.glob(f"{PARTIAL_PREFIX}*"))
 
 
-def test_cases_are_read_in_a_background_thread_while_the_previous_one_is_inferred(inputs, tmp_path, caplog):
+@pytest.mark.parametrize("prefetch", [True, None])
+def test_cases_are_read_in_a_background_thread_while_the_previous_one_is_inferred(inputs, tmp_path, caplog, prefetch):
+    """With prefetch the next case is read during an inference; by default on a CPU only after the case is written."""
     folder, ckpt = inputs
     net = ThresholdNet(delay=0.3)
-    eng = engine(folder, ckpt, tmp_path / "out", net)
+    eng = engine(folder, ckpt, tmp_path / "out", net, prefetch)
     reads = {}
     preprocess = eng.dataset.transform
 
@@ -140,7 +142,10 @@ def test_cases_are_read_in_a_background_thread_while_the_previous_one_is_inferre
     assert all(thread.startswith("msa2net-read") for thread, _ in reads.values())
     first, second = net.calls[:2]
     assert reads["b_good.nii.gz"][1] >= first[1]  # the first inference runs alone
-    assert second[0] < reads["c_corrupt.nii.gz"][1] < second[1]  # case 3 is read during case 2's inference
+    if prefetch:
+        assert first[1] < reads["c_corrupt.nii.gz"][1] < second[1]  # case 3 is read before case 2 is inferred
+    else:
+        assert reads["c_corrupt.nii.gz"][1] > second[1]
 
 
 def test_unreadable_checkpoint_stops_before_any_case_with_exit_2(inputs, tmp_path, caplog):

@@ -154,15 +154,15 @@ class CaseByCaseInference:
     :meth:`run` exits with status 1 when any case failed and 2 when nothing could start (no inputs,
     unreadable or unfitting checkpoint).
 
-    With ``prefetch`` (the default) the stages overlap: the checkpoint loads while the first case is
-    read; case i+1 is read and preprocessed in a background thread while case i is inferred; case i
-    is written in another background thread while case i+1 is inferred. The write is the
-    postprocessing's final ``SaveImage(d)`` step (what comes before it, e.g. restoring the input's
-    grid, runs right after inference, so the network's output is freed at once), or all of the
-    postprocessing when it does not end with one. At most three cases are held at once: one read
-    ahead, one inferred, one being written. The first inference runs alone (CUDA graphs are captured
-    and CPU backends timed then, neither of which may meet other threads' work); the overlap starts
-    with the second case, and the only overlap for a single case is its read with the weights' load.
+    The checkpoint loads while the first case is read. With ``prefetch`` (on a GPU by default) the
+    cases overlap too: case i+1 is read and preprocessed in a background thread while case i is
+    inferred, and case i is written in another background thread while case i+1 is inferred. The
+    write is the postprocessing's final ``SaveImage(d)`` step (what comes before it, e.g. restoring
+    the input's grid, runs right after inference, so the network's output is freed at once), or all
+    of the postprocessing when it does not end with one. At most three cases are held at once: one
+    read ahead, one inferred, one being written. The first inference runs alone (CUDA graphs are
+    captured and CPU backends timed then, neither of which may meet other threads' work); the
+    overlap starts with the second case.
 
     Args:
         dataset: an :class:`InputFolder` (its transform is the preprocessing).
@@ -173,9 +173,11 @@ class CaseByCaseInference:
         output_dir: where the summary goes (the postprocessing's writer holds its own output folder).
         device: where the network runs.
         amp: autocast the forward pass.
-        prefetch: overlap reading, inference and writing of consecutive cases (``False``: one case
-            at a time, the least memory: for a GPU or host that holds only one case; on the bundle's
-            command line ``--evaluator#prefetch false``).
+        prefetch: overlap reading, inference and writing of consecutive cases. ``None`` (default):
+            where the network runs on a GPU, not on a CPU (there every stage competes for the same
+            cores; on two cores it measured no faster). ``False``: one case at a time, the least
+            memory (for a GPU or host that holds only one case; on the bundle's command line
+            ``--evaluator#prefetch false``); the weights still load while the first case is read.
     """
 
     def __init__(
@@ -188,7 +190,7 @@ class CaseByCaseInference:
         output_dir: str,
         device: torch.device | str = "cpu",
         amp: bool = False,
-        prefetch: bool = True,
+        prefetch: bool | None = None,
     ) -> None:
         self.dataset, self.network, self.inferer, self.postprocessing = dataset, network, inferer, postprocessing
         self.ckpt_path, self.output_dir, self.device, self.amp, self.prefetch = ckpt_path, output_dir, device, amp, prefetch
@@ -217,13 +219,9 @@ class CaseByCaseInference:
         except (OSError, ValueError) as e:
             logger.error("error: %s", error_line(e))
             raise SystemExit(2) from None
-        if self.prefetch:
-            with ThreadPoolExecutor(1, "msa2net-read") as reader, ThreadPoolExecutor(1, "msa2net-write") as writer:
-                done, failed = self._run_overlapped(datalist, reader, writer)
-        else:
-            load_weights_or_exit(self.network, self.ckpt_path, self.device)
-            self.network.eval()
-            done, failed = self._run_sequential(datalist)
+        overlap = self.prefetch if self.prefetch is not None else torch.device(self.device).type != "cpu"
+        with ThreadPoolExecutor(1, "msa2net-read") as reader, ThreadPoolExecutor(1, "msa2net-write") as writer:
+            done, failed = self._run_cases(datalist, reader, writer, overlap)
         summary = {"done": done, "failed": failed}
         Path(self.output_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(self.output_dir) / "inference_summary.json", json.dumps(summary, indent=2) + "\n")
@@ -236,23 +234,11 @@ class CaseByCaseInference:
             raise SystemExit(1)
         return summary
 
-    def _run_sequential(self, datalist: list[dict]) -> tuple[list, list]:
+    def _run_cases(self, datalist: list[dict], reader: ThreadPoolExecutor, writer: ThreadPoolExecutor, overlap: bool) -> tuple[list, list]:
         log = _CaseLog(len(datalist))
-        for i, item in enumerate(datalist):
-            start = time.perf_counter()
-            try:
-                self.postprocessing(self._infer(self._read(i)))
-            except Exception as e:  # one bad case must not stop the batch
-                log.failed(i, item["image"], e)
-                continue
-            log.done(i, item["image"], start)
-        return log.done_cases, log.failed_cases
-
-    def _run_overlapped(self, datalist: list[dict], reader: ThreadPoolExecutor, writer: ThreadPoolExecutor) -> tuple[list, list]:
-        log = _CaseLog(len(datalist))
-        restore, write = self._restore_and_write()
+        restore, write = self._restore_and_write() if overlap else ((lambda d: d), self.postprocessing)
         starts = [time.perf_counter()] + [0.0] * (len(datalist) - 1)
-        reading: Future = reader.submit(self._read, 0)
+        reading: Future | None = reader.submit(self._read, 0)
         load_weights_or_exit(self.network, self.ckpt_path, self.device)  # while the first case is read
         self.network.eval()
         # The first inference runs alone: CUDA graphs are captured then (a capture must not meet other
@@ -285,10 +271,12 @@ class CaseByCaseInference:
                 data = reading.result()
             except Exception as e:  # one bad case must not stop the batch
                 data, error = None, e
-            reading = None if hold_first and error is None else read_ahead(i + 1)
+            reading = read_ahead(i + 1) if overlap and not (hold_first and error is None) else None
             if error is None:
                 try:
                     data = restore(self._infer(data))
+                    if not overlap:
+                        write(data)
                 except Exception as e:
                     data, error = None, e
                 hold_first = False
@@ -297,8 +285,10 @@ class CaseByCaseInference:
             finish_write()
             if error is not None:
                 log.failed(i, src, error)
-                continue
-            writing = (i, src, writer.submit(write, data))
+            elif overlap:
+                writing = (i, src, writer.submit(write, data))
+            else:
+                log.done(i, src, starts[i])
         finish_write()
         return log.done_cases, log.failed_cases
 
