@@ -76,6 +76,9 @@ def test_fast_reader_errors_name_the_problem(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(Exception, match="Empty file"):
         load_imaged("image", image_only=True)({"image": path})
+    path.write_bytes(gzip.compress(b"a short gzip-compressed text, not an image"))
+    with pytest.raises(Exception, match="Cannot work out file type"):
+        load_imaged("image", image_only=True)({"image": path})
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii"])

@@ -151,10 +151,9 @@ def _decode_nifti_gz(name, dtype: torch.dtype | None = None) -> _DecodedNifti | 
     scales) and scaled as the header says, while the decompression thread goes on.
     """
     with _open_gz(name) as f:
-        head = bytearray(352)
-        _read_into(f, memoryview(head), name)
-        if head[344:348] != b"n+1\x00" or struct.unpack("<i", head[:4])[0] != _NIFTI1_HEADER:
-            return None  # NIfTI-2, Analyze, or big-endian
+        head = bytearray(f.read(352))
+        if len(head) < 352 or head[344:348] != b"n+1\x00" or struct.unpack("<i", head[:4])[0] != _NIFTI1_HEADER:
+            return None  # not NIfTI-1, NIfTI-2, or big-endian
         vox_offset = int(struct.unpack("<f", head[108:112])[0])
         if vox_offset > len(head):  # header extensions
             rest = bytearray(vox_offset - len(head))
