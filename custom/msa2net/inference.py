@@ -9,11 +9,13 @@ import os
 import pickle
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from monai.data import Dataset
+from monai.transforms import Compose, SaveImage, SaveImaged
 
 from msa2net.atomic import atomic_write_text
 from msa2net.weights import describe_mismatch
@@ -148,8 +150,19 @@ class CaseByCaseInference:
 
     Each failure is logged as one line ``<file>: <problem>``; outputs are written atomically by
     the postprocessing's writer, so a failed case leaves no file. ``<output_dir>/inference_summary.json``
-    lists done and failed cases. :meth:`run` exits with status 1 when any case failed and 2 when
-    nothing could start (no inputs, unreadable or unfitting checkpoint).
+    lists done and failed cases, once every output is written. Cases are logged in their order.
+    :meth:`run` exits with status 1 when any case failed and 2 when nothing could start (no inputs,
+    unreadable or unfitting checkpoint).
+
+    The checkpoint loads while the first case is read. With ``prefetch`` (on a GPU by default) the
+    cases overlap too: case i+1 is read and preprocessed in a background thread while case i is
+    inferred, and case i is written in another background thread while case i+1 is inferred. The
+    write is the postprocessing's final ``SaveImage(d)`` step (what comes before it, e.g. restoring
+    the input's grid, runs right after inference, so the network's output is freed at once), or all
+    of the postprocessing when it does not end with one. At most three cases are held at once: one
+    read ahead, one inferred, one being written. The first inference runs alone (CUDA graphs are
+    captured and CPU backends timed then, neither of which may meet other threads' work); the
+    overlap starts with the second case.
 
     Args:
         dataset: an :class:`InputFolder` (its transform is the preprocessing).
@@ -160,6 +173,11 @@ class CaseByCaseInference:
         output_dir: where the summary goes (the postprocessing's writer holds its own output folder).
         device: where the network runs.
         amp: autocast the forward pass.
+        prefetch: overlap reading, inference and writing of consecutive cases. ``None`` (default):
+            where the network runs on a GPU, not on a CPU (there every stage competes for the same
+            cores; on two cores it measured no faster). ``False``: one case at a time, the least
+            memory (for a GPU or host that holds only one case; on the bundle's command line
+            ``--evaluator#prefetch false``); the weights still load while the first case is read.
     """
 
     def __init__(
@@ -172,9 +190,27 @@ class CaseByCaseInference:
         output_dir: str,
         device: torch.device | str = "cpu",
         amp: bool = False,
+        prefetch: bool | None = None,
     ) -> None:
         self.dataset, self.network, self.inferer, self.postprocessing = dataset, network, inferer, postprocessing
-        self.ckpt_path, self.output_dir, self.device, self.amp = ckpt_path, output_dir, device, amp
+        self.ckpt_path, self.output_dir, self.device, self.amp, self.prefetch = ckpt_path, output_dir, device, amp, prefetch
+
+    def _read(self, index: int) -> dict:
+        with torch.no_grad():
+            return self.dataset[index]
+
+    def _infer(self, data: dict) -> dict:
+        with torch.no_grad(), torch.autocast(device_type=torch.device(self.device).type, enabled=self.amp):
+            data["pred"] = self.inferer(data["image"][None].to(self.device), self.network)[0].float()
+        return data
+
+    def _restore_and_write(self) -> tuple[Callable, Callable]:
+        """The postprocessing as (everything before its final ``SaveImage(d)``, that step); (nothing, all of it) without one."""
+        post = self.postprocessing
+        if isinstance(post, Compose) and post.transforms and isinstance(post.transforms[-1], (SaveImage, SaveImaged)):
+            last = len(post.transforms) - 1
+            return (lambda d: post(d, end=last)), (lambda d: post(d, start=last))
+        return (lambda d: d), post
 
     def run(self) -> dict:
         """Segment every case; returns ``{"done": [...], "failed": [...]}``."""
@@ -183,24 +219,9 @@ class CaseByCaseInference:
         except (OSError, ValueError) as e:
             logger.error("error: %s", error_line(e))
             raise SystemExit(2) from None
-        load_weights_or_exit(self.network, self.ckpt_path, self.device)
-        self.network.eval()
-        done, failed = [], []
-        for i, item in enumerate(datalist, start=1):
-            src = item["image"]
-            start = time.perf_counter()
-            try:
-                data = self.dataset[i - 1]
-                with torch.no_grad(), torch.autocast(device_type=torch.device(self.device).type, enabled=self.amp):
-                    data["pred"] = self.inferer(data["image"][None].to(self.device), self.network)[0].float()
-                self.postprocessing(data)
-            except Exception as e:  # one bad case must not stop the batch
-                reason = error_line(e).removeprefix(f"{src}: ")
-                failed.append({"image": src, "error": reason})
-                logger.error("[%d/%d] failed: %s: %s", i, len(datalist), src, reason)
-                continue
-            done.append({"image": src, "seconds": round(time.perf_counter() - start, 3)})
-            logger.info("[%d/%d] segmented %s in %.2f s", i, len(datalist), src, done[-1]["seconds"])
+        overlap = self.prefetch if self.prefetch is not None else torch.device(self.device).type != "cpu"
+        with ThreadPoolExecutor(1, "msa2net-read") as reader, ThreadPoolExecutor(1, "msa2net-write") as writer:
+            done, failed = self._run_cases(datalist, reader, writer, overlap)
         summary = {"done": done, "failed": failed}
         Path(self.output_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(self.output_dir) / "inference_summary.json", json.dumps(summary, indent=2) + "\n")
@@ -212,6 +233,80 @@ class CaseByCaseInference:
             logger.error("failed cases: %s", ", ".join(f["image"] for f in failed))
             raise SystemExit(1)
         return summary
+
+    def _run_cases(self, datalist: list[dict], reader: ThreadPoolExecutor, writer: ThreadPoolExecutor, overlap: bool) -> tuple[list, list]:
+        log = _CaseLog(len(datalist))
+        restore, write = self._restore_and_write() if overlap else ((lambda d: d), self.postprocessing)
+        starts = [time.perf_counter()] + [0.0] * (len(datalist) - 1)
+        reading: Future | None = reader.submit(self._read, 0)
+        load_weights_or_exit(self.network, self.ckpt_path, self.device)  # while the first case is read
+        self.network.eval()
+        # The first inference runs alone: CUDA graphs are captured then (a capture must not meet other
+        # threads' CUDA calls) and a CPU backend times its candidates then (a read beside it skews them).
+        hold_first = True
+        writing: tuple[int, str, Future] | None = None
+
+        def finish_write() -> None:  # the case being written: logged before any later case
+            nonlocal writing
+            if writing is not None:
+                k, src, future = writing
+                writing = None
+                try:
+                    future.result()
+                except Exception as e:
+                    log.failed(k, src, e)
+                else:
+                    log.done(k, src, starts[k])
+
+        def read_ahead(k: int) -> Future | None:
+            if k >= len(datalist):
+                return None
+            starts[k] = time.perf_counter()
+            return reader.submit(self._read, k)
+
+        for i, item in enumerate(datalist):
+            src = item["image"]
+            error = None
+            try:
+                data = reading.result()
+            except Exception as e:  # one bad case must not stop the batch
+                data, error = None, e
+            reading = read_ahead(i + 1) if overlap and not (hold_first and error is None) else None
+            if error is None:
+                try:
+                    data = restore(self._infer(data))
+                    if not overlap:
+                        write(data)
+                except Exception as e:
+                    data, error = None, e
+                hold_first = False
+            if reading is None:
+                reading = read_ahead(i + 1)
+            finish_write()
+            if error is not None:
+                log.failed(i, src, error)
+            elif overlap:
+                writing = (i, src, writer.submit(write, data))
+            else:
+                log.done(i, src, starts[i])
+        finish_write()
+        return log.done_cases, log.failed_cases
+
+
+class _CaseLog:
+    """Done and failed cases, each logged as ``[i/n] ...`` when its outcome is known."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done_cases, self.failed_cases = total, [], []
+
+    def done(self, index: int, src: str, start: float) -> None:
+        self.done_cases.append({"image": src, "seconds": round(time.perf_counter() - start, 3)})
+        logger.info("[%d/%d] segmented %s in %.2f s", index + 1, self.total, src, self.done_cases[-1]["seconds"])
+
+    def failed(self, index: int, src: str, exc: BaseException) -> None:
+        reason = error_line(exc).removeprefix(f"{src}: ")
+        self.failed_cases.append({"image": src, "error": reason})
+        logger.error("[%d/%d] failed: %s: %s", index + 1, self.total, src, reason)
 
 
 def load_weights_or_exit(network: torch.nn.Module, ckpt_path: str | os.PathLike, device=None) -> None:
