@@ -154,7 +154,8 @@ class GraphedForward(nn.Module):
                         self.module(static_in)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                # thread-local: reader and writer threads may use the GPU while a later shape is captured
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     static_out = self.module(static_in)
             entry = self._infer[key] = (graph, static_in, static_out)
         graph, static_in, static_out = entry
