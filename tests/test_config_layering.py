@@ -49,3 +49,14 @@ def test_profile_and_baseline_files_raise_no_config_root_warning(extra, caplog):
     with caplog.at_level("WARNING"):
         ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / extra)], workflow_type="train")
     assert "Not all config files" not in caplog.text
+
+
+@pytest.mark.parametrize("extra", [[], ["adamw.json"]])
+@pytest.mark.parametrize("device", ["cpu", "$torch.device('cpu')"])
+def test_optimiser_resolves_with_the_device_as_text_or_object(extra, device):
+    """MONAI Label passes the device as text; the fused kernels are for CUDA only."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in ["train.json", *extra]])
+    parser.update({"device": device, "model_preset": "tiny"})
+    optimizer = parser.get_parsed_content("optimizer")
+    assert optimizer.defaults["fused"] is False
