@@ -137,11 +137,7 @@ class GraphedForward(nn.Module):
         key = self._key(x)
         entry = self._infer.get(key)
         if entry is None and (padded := self._padded_key(x)) is not None:
-            graph, static_in, static_out = self._infer[padded]
-            static_in[: len(x)].copy_(x)
-            static_in[len(x) :].zero_()
-            graph.replay()
-            return static_out[: len(x)].clone()
+            entry = self._infer[padded]
         if entry is None:
             if len(self._infer) >= self.max_graphs:
                 return self.module(x)
@@ -159,10 +155,12 @@ class GraphedForward(nn.Module):
                     static_out = self.module(static_in)
             entry = self._infer[key] = (graph, static_in, static_out)
         graph, static_in, static_out = entry
-        static_in.copy_(x)
+        n = len(x)
+        static_in[:n].copy_(x)
+        static_in[n:].zero_()  # the padding of a smaller batch (nothing for an exact fit)
         graph.replay()
         # The next replay overwrites static_out; callers keep their own copy.
-        return static_out.clone()
+        return static_out[:n].clone()
 
 
 class GraphedInferer(Inferer):
