@@ -106,6 +106,21 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
         return None
 
 
+def _scaling(proxy: ArrayProxy) -> tuple[float | None, float | None]:
+    """The header's (slope, intercept) where they change the voxels (finite, not 1 and 0), else None each."""
+    slope, inter = proxy.slope, proxy.inter
+    scale = slope is not None and np.isfinite(slope) and slope not in (0, 1)
+    shift = inter is not None and np.isfinite(inter) and inter != 0
+    return (float(slope) if scale else None), (float(inter) if shift else None)
+
+
+def _apply_scaling(t: torch.Tensor, slope: float | None, inter: float | None) -> None:
+    if slope is not None:
+        t.mul_(slope)
+    if inter is not None:
+        t.add_(inter)
+
+
 def reverse_axes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``t`` with its axes in reverse order (a C-ordered array's Fortran layout, and back).
 
@@ -165,10 +180,8 @@ def _decode_nifti_gz(name, dtype: torch.dtype | None = None) -> _DecodedNifti | 
         if proxy.order != "F" or proxy.offset != vox_offset or not proxy.dtype.isnative or torch_dtype is None or len(proxy.shape) < 2:
             return None
         shape = proxy.shape
-        slope, inter = proxy.slope, proxy.inter
-        scale = slope is not None and np.isfinite(slope) and slope not in (0, 1)
-        shift = inter is not None and np.isfinite(inter) and inter != 0
-        if scale or shift:
+        slope, inter = _scaling(proxy)
+        if slope is not None or inter is not None:
             dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
         out = torch.empty(shape, dtype=dtype or torch_dtype)
         slice_items = math.prod(shape[:-1])
@@ -182,10 +195,7 @@ def _decode_nifti_gz(name, dtype: torch.dtype | None = None) -> _DecodedNifti | 
             slab = torch.frombuffer(view, dtype=torch_dtype).view(last - first, *reversed(shape[:-1]))
             dst = out[..., first:last]
             dst.copy_(slab.permute(*reverse))
-            if scale:
-                dst.mul_(float(slope))
-            if shift:
-                dst.add_(float(inter))
+            _apply_scaling(dst, slope, inter)
         while f.read(_BLOCK_BYTES):  # to the end: the gzip CRC check of the whole file happens there
             pass
     img.voxels = out.numpy()
@@ -235,15 +245,10 @@ class FastNibabelReader(NibabelReader):
         with warnings.catch_warnings():  # a read-only memory map; it is only read here
             warnings.simplefilter("ignore", UserWarning)
             out = reverse_axes(torch.from_numpy(raw.T))
-        slope, inter = proxy.slope, proxy.inter
-        scale = slope is not None and np.isfinite(slope) and slope not in (0, 1)
-        shift = inter is not None and np.isfinite(inter) and inter != 0
-        if scale or shift:
+        slope, inter = _scaling(proxy)
+        if slope is not None or inter is not None:
             out = out.to(torch.float32)
-        if scale:
-            out.mul_(float(slope))
-        if shift:
-            out.add_(float(inter))
+        _apply_scaling(out, slope, inter)
         return out.numpy()
 
 
