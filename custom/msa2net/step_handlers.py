@@ -26,7 +26,7 @@ class GradientClipping:
         if max_norm <= 0:
             raise ValueError(f"max_norm must be positive, got {max_norm}.")
         self.network, self.max_norm = network, float(max_norm)
-        self._params: list[torch.nn.Parameter] | None = None
+        self._params = list(network.parameters())
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
@@ -35,8 +35,6 @@ class GradientClipping:
         scaler = getattr(engine, "scaler", None)
         if getattr(engine, "amp", False) and scaler is not None:
             scaler.unscale_(engine.optimizer)
-        if self._params is None:
-            self._params = list(self.network.parameters())
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return
