@@ -100,9 +100,6 @@ class OrtSettings:
     level: str = "all"
     parallel: bool = False
 
-    def describe(self) -> str:
-        return f"{self.threads} threads, {self.level} optimisations, {'parallel' if self.parallel else 'sequential'}"
-
 
 class OrtRunner:
     """A CPU ONNX Runtime session called like a network: ``(B, C, H, W)`` tensor in, logits tensor out.

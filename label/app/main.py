@@ -1,8 +1,9 @@
 """MONAI Label app that serves the MSA2-Net bundle (segmentation, gated fine-tuning, active learning).
 
 Start it with ``label/serve.py`` (see ``bundle/docs/monailabel.md``); it is a normal MONAI Label
-app folder, so ``python -m monailabel.main start_server --app label/app --studies DIR --conf models msa2net``
-works too once the bundle folder is in ``label/app/model/msa2net``.
+app folder, so ``python -m monailabel.main start_server --app label/app --studies DIR --host 127.0.0.1
+--conf models msa2net --conf zoo_source github --conf sam2 false`` works too once the bundle folder is
+in ``label/app/model/msa2net`` (without ``--host`` MONAI Label listens on every network interface).
 
 What it changes against the stock ``monaibundle`` sample app of monailabel 0.8.5:
 
