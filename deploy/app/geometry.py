@@ -5,16 +5,19 @@ storage, one size, pixel spacing and orientation, a position) and applies the sl
 bundle applies too (:func:`msa2net.dicom.order_slices`: no repeated positions, uniform gaps, no in-plane
 drift). :class:`CheckedSeriesToVolumeOperator` runs it before building the volume and writes the affine
 with the in-plane spacings in DICOM's order (PixelSpacing is [row spacing, column spacing]; the SDK 4.0
-affine swaps them, which matters for non-square pixels).
+affine swaps them, which matters for non-square pixels). A refusal names the file of the instance at
+fault, or the folder and Series Instance UID of the series.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from loading import files_folder
 from selection import IMAGE_SOP_CLASSES
 
 from monai.data.utils import orientation_ras_lps
@@ -22,7 +25,7 @@ from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesTo
 from msa2net.dicom import order_slices
 from msa2net.errors import InputError
 
-__all__ = ["SeriesGeometryError", "SeriesGeometry", "check_series", "CheckedSeriesToVolumeOperator"]
+__all__ = ["SeriesGeometryError", "SeriesGeometry", "check_series", "decode_pixels", "CheckedSeriesToVolumeOperator"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,25 @@ class SeriesGeometry:
         return orientation_ras_lps(self.lps_affine())
 
 
+def _source_file(ds) -> str | None:
+    """The file pydicom read ``ds`` from; ``None`` for a dataset made in memory."""
+    name = getattr(ds, "filename", None)
+    return os.fspath(name) if isinstance(name, (str, os.PathLike)) else None
+
+
+def _instance_name(ds) -> str:
+    """The instance's file, which a user can find (its SOP Instance UID only where there is no file)."""
+    return _source_file(ds) or f"instance {ds.get('SOPInstanceUID')}"
+
+
+def _series_name(datasets: Sequence) -> str:
+    """``<folder> (series <UID>)``: the folder holding the series' files and its Series Instance UID."""
+    uids = ", ".join(sorted({str(ds.get("SeriesInstanceUID") or "") for ds in datasets} - {""}))
+    folder = files_folder(f for f in map(_source_file, datasets) if f)
+    series = f"series {uids}" if uids else "the series"
+    return f"{folder} ({series})" if folder else series
+
+
 def _floats(ds, key: str, n: int, where: str) -> np.ndarray:
     value = ds.get(key)
     if value is None or len(value) != n:
@@ -69,7 +91,7 @@ def _floats(ds, key: str, n: int, where: str) -> np.ndarray:
 
 def _check_instance(ds, rows: int, columns: int, spacing: np.ndarray, iop: np.ndarray) -> np.ndarray:
     """Check one instance against the series' first; return its ImagePositionPatient."""
-    where = f"instance {ds.get('SOPInstanceUID')}"
+    where = _instance_name(ds)
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:
         raise SeriesGeometryError(f"{where}: multi-frame images are not supported.")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -94,33 +116,33 @@ def check_series(datasets: Sequence, rel_tol: float = 0.01, abs_tol: float = 0.0
     Orientations and pixel spacings must agree within 1e-4; slice positions follow
     :func:`msa2net.dicom.order_slices` with ``rel_tol`` and ``abs_tol``.
     """
-    n = len(datasets)
+    series, n = _series_name(datasets), len(datasets)
     if n < 2:
-        raise SeriesGeometryError(f"the series has {n} image(s); at least 2 slices are needed to define a volume.")
+        raise SeriesGeometryError(f"{series}: {n} image(s); at least 2 slices are needed to define a volume.")
     classes = {str(ds.get("SOPClassUID", "")) for ds in datasets}
     unsupported = sorted(classes - set(IMAGE_SOP_CLASSES))
     if unsupported:
         raise SeriesGeometryError(
-            f"the series holds SOP class(es) {unsupported}; only single-frame {sorted(IMAGE_SOP_CLASSES.values())} "
+            f"{series}: holds SOP class(es) {unsupported}; only single-frame {sorted(IMAGE_SOP_CLASSES.values())} "
             "are supported (non-image objects, multi-frame enhanced images and secondary captures are not)."
         )
     if len(classes) > 1:
-        raise SeriesGeometryError(f"the series mixes SOP classes {sorted(classes)}.")
+        raise SeriesGeometryError(f"{series}: mixes SOP classes {sorted(classes)}.")
     first = datasets[0]
-    uid0 = first.get("SOPInstanceUID")
+    where = _instance_name(first)
     rows, columns = int(first.get("Rows", 0)), int(first.get("Columns", 0))
-    spacing = _floats(first, "PixelSpacing", 2, f"instance {uid0}")
-    iop = _floats(first, "ImageOrientationPatient", 6, f"instance {uid0}")
+    spacing = _floats(first, "PixelSpacing", 2, where)
+    iop = _floats(first, "ImageOrientationPatient", 6, where)
     r, c = iop[:3], iop[3:]
     if abs(np.linalg.norm(r) - 1) > 1e-3 or abs(np.linalg.norm(c) - 1) > 1e-3 or abs(r @ c) > 1e-3:
-        raise SeriesGeometryError(f"instance {uid0}: ImageOrientationPatient {iop.tolist()} is not two orthonormal vectors.")
+        raise SeriesGeometryError(f"{where}: ImageOrientationPatient {iop.tolist()} is not two orthonormal vectors.")
     r, c = r / np.linalg.norm(r), c / np.linalg.norm(c)
     normal = np.cross(r, c)
     positions = np.asarray([_check_instance(ds, rows, columns, spacing, iop) for ds in datasets])
     try:
         order, slice_spacing = order_slices(positions, normal, rel_tol, abs_tol)
     except InputError as err:
-        raise SeriesGeometryError(str(err)) from None
+        raise SeriesGeometryError(f"{series}: {err}") from None
     return SeriesGeometry(
         order=order,
         rows=rows,
@@ -135,12 +157,28 @@ def check_series(datasets: Sequence, rel_tol: float = 0.01, abs_tol: float = 0.0
     )
 
 
+def decode_pixels(datasets: Sequence) -> None:
+    """Decode the pixel data of every instance, refusing one that cannot be decoded with its file's name.
+
+    The SDK's volume builder fails on such an instance with a message that names no file; pydicom keeps
+    the decoded arrays, so the builder does not decode them again.
+    """
+    for ds in datasets:
+        try:
+            ds.pixel_array
+        except Exception as err:  # pydicom raises ValueError, RuntimeError, NotImplementedError... by codec
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SeriesGeometryError(f"{_instance_name(ds)}: the pixel data cannot be decoded ({reason}).") from err
+
+
 class CheckedSeriesToVolumeOperator(DICOMSeriesToVolumeOperator):
-    """The SDK's series-to-volume operator, with :func:`check_series` and a corrected affine."""
+    """The SDK's series-to-volume operator, with :func:`check_series`, :func:`decode_pixels` and a corrected affine."""
 
     def prepare_series(self, series):
         instances = series.get_sop_instances()
-        geometry = check_series([i.get_native_sop_instance() for i in instances])
+        datasets = [i.get_native_sop_instance() for i in instances]
+        geometry = check_series(datasets)
+        decode_pixels(datasets)
         series._sop_instances = [instances[i] for i in geometry.order]  # the SDK's own attribute, as its prepare_series
         series.depth_pixel_spacing = geometry.slice_spacing
         series.depth_direction_cosine = geometry.normal.tolist()

@@ -13,7 +13,10 @@ identifiers (a SEG with invented identifiers matches nothing in an archive) unle
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -24,7 +27,9 @@ from monai.deploy.core.domain.dicom_study import DICOMStudy
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
 from msa2net.errors import InputError
 
-__all__ = ["DICOMDIR_SOP_CLASS", "DerivedIdentifiers", "DICOMFolderLoaderOperator", "repair_identifiers"]
+__all__ = [
+    "DICOMDIR_SOP_CLASS", "DerivedIdentifiers", "DICOMFolderLoaderOperator", "repair_identifiers", "files_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +46,25 @@ def _blank(value) -> bool:
     return value is None or not str(value).strip()
 
 
+def files_folder(files: Iterable[str]) -> str | None:
+    """The deepest folder holding all of ``files`` (absolute), or ``None`` where there are none."""
+    folders = [os.path.dirname(os.path.abspath(f)) for f in files]
+    return os.path.commonpath(folders) if folders else None
+
+
 @dataclass
 class DerivedIdentifiers:
     """UIDs the loader derived, per series: shared by the loader, the series check and the SEG writer."""
 
     by_series: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: the files whose UIDs were derived, per series: a derived Series Instance UID means nothing to the user
+    files: dict[str, list[str]] = field(default_factory=dict)
 
-    def add(self, series_uid: str, keywords: list[str]) -> None:
+    def add(self, series_uid: str, keywords: list[str], path: str) -> None:
         counts = self.by_series.setdefault(series_uid, {})
         for k in keywords:
             counts[k] = counts.get(k, 0) + 1
+        self.files.setdefault(series_uid, []).append(path)
 
     def statement(self, series_uid: str) -> str:
         """One sentence for the log and the SEG; empty when nothing of the series was derived."""
@@ -67,8 +81,9 @@ class DerivedIdentifiers:
             return
         if not allowed:
             raise InputError(
-                f"the selected series has blank {' and '.join(sorted(counts))} (de-identified input?); a SEG must reference "
-                "them, so it is refused. --derive-missing-uids derives stable ones, stated in the SEG and the log."
+                f"{files_folder(self.files[series_uid])}: the selected series has blank {' and '.join(sorted(counts))} "
+                "(de-identified input?); a SEG must reference them, so it is refused. --derive-missing-uids derives stable ones, "
+                "stated in the SEG and the log."
             )
         logger.warning("%s", self.statement(series_uid))
 
@@ -95,7 +110,7 @@ class DICOMFolderLoaderOperator(DICOMDataLoaderOperator):
     """The SDK's DICOM folder loader with the identifier handling above and plain study/series grouping.
 
     Non-DICOM files are skipped and counted; exact duplicates of one SOP instance are kept once; a folder
-    without a single DICOM instance is an error.
+    without a single DICOM instance is an error that names the folder.
 
     Args:
         derived: where derived identifiers are recorded.
@@ -104,6 +119,19 @@ class DICOMFolderLoaderOperator(DICOMDataLoaderOperator):
     def __init__(self, *args, derived: DerivedIdentifiers | None = None, **kwargs):
         self.derived = derived if derived is not None else DerivedIdentifiers()
         super().__init__(*args, **kwargs)
+
+    def load_data_to_studies(self, input_path: Path) -> list[DICOMStudy]:
+        """The studies in ``input_path`` and its subfolders (the SDK's method, with errors that name the folder)."""
+        if not Path(input_path).is_dir():
+            raise InputError(f"{input_path}: the input folder does not exist or is not a folder.")
+        files: list[str] = []
+        self._list_files(input_path, files)
+        studies = self._load_data(files)
+        if not studies:
+            raise InputError(
+                f"{input_path}: no DICOM instance found among {len(files)} file(s) (non-DICOM files and DICOMDIRs are skipped)."
+            )
+        return studies
 
     def _load_data(self, files: list[str]) -> list[DICOMStudy]:
         studies: dict[str, DICOMStudy] = {}
@@ -127,7 +155,7 @@ class DICOMFolderLoaderOperator(DICOMDataLoaderOperator):
                 continue
             seen.add(key)
             if derived:
-                self.derived.add(key[0], derived)
+                self.derived.add(key[0], derived, path)
             study_uid = str(ds.StudyInstanceUID)
             if study_uid not in studies:
                 studies[study_uid] = DICOMStudy(study_uid)
@@ -140,7 +168,5 @@ class DICOMFolderLoaderOperator(DICOMDataLoaderOperator):
                 series_by_uid[key[0]] = series
                 studies[study_uid].add_series(series)
             series_by_uid[key[0]].add_sop_instance(ds)
-        if not studies:
-            raise InputError(f"no DICOM instance found: {len(files)} file(s) scanned, {skipped} not DICOM or skipped.")
         logger.info("loaded %d instance(s) in %d series; %d file(s) skipped", len(seen), len(series_by_uid), skipped)
         return list(studies.values())

@@ -197,12 +197,14 @@ def test_folder_without_dicom_is_an_error(threshold_bundle, tmp_path):
     folder = tmp_path / "input"
     folder.mkdir()
     (folder / "notes.txt").write_text("not DICOM\n")
-    _expect_failure(tmp_path, folder, threshold_bundle, "no DICOM instance found")
+    _expect_failure(tmp_path, folder, threshold_bundle, f"{folder}: no DICOM instance found")
 
 
-def test_missing_slice_is_an_error(threshold_bundle, tmp_path):
-    write_series(tmp_path / "input", "CT", drop_slices=(5,))
-    _expect_failure(tmp_path, tmp_path / "input", threshold_bundle, "slice spacing is not uniform")
+def test_missing_slice_is_an_error_naming_the_folder_and_series(threshold_bundle, tmp_path):
+    series = write_series(tmp_path / "input", "CT", drop_slices=(5,))
+    _expect_failure(
+        tmp_path, tmp_path / "input", threshold_bundle, f"{tmp_path / 'input'} (series {series['series']}): slice spacing is not uniform"
+    )
 
 
 def test_non_image_objects_only_is_an_error(threshold_bundle, tmp_path):
@@ -211,9 +213,21 @@ def test_non_image_objects_only_is_an_error(threshold_bundle, tmp_path):
     _expect_failure(tmp_path, tmp_path / "input", threshold_bundle, "no series matches the selection rules")
 
 
-def test_mixed_sizes_in_one_series_is_an_error(threshold_bundle, tmp_path):
+def test_mixed_sizes_in_one_series_is_an_error_naming_the_file(threshold_bundle, tmp_path):
     write_series(tmp_path / "input", "CT", sizes={4: (60, 80)})
-    _expect_failure(tmp_path, tmp_path / "input", threshold_bundle, "mixes images of different sizes")
+    odd = _only(tmp_path / "input", "004_*.dcm")  # slice 4, the one of another size
+    line = _expect_failure(tmp_path, tmp_path / "input", threshold_bundle, f"{odd}: 60x80 pixels where the series has 64x80")
+    assert "mixes images of different sizes" in line
+
+
+def test_undecodable_pixel_data_is_an_error_naming_the_file(threshold_bundle, tmp_path):
+    """A truncated file: its header is sound, its pixel data too short; the SDK alone would name no file."""
+    write_series(tmp_path / "input", "CT", shape=(4, 32, 32))
+    bad = sorted((tmp_path / "input").glob("*.dcm"))[2]
+    ds = pydicom.dcmread(bad)
+    ds.PixelData = ds.PixelData[:1000]
+    ds.save_as(bad)
+    _expect_failure(tmp_path, tmp_path / "input", threshold_bundle, f"{bad}: the pixel data cannot be decoded")
 
 
 def test_mixed_folder_selects_the_ct_series(threshold_bundle, tmp_path):
@@ -266,7 +280,7 @@ def test_mr_series_of_another_body_part_is_refused(msa2net_bundle, tmp_path):
 def test_series_without_study_and_series_uids_is_refused_or_derived_on_request(threshold_bundle, tmp_path):
     write_series(tmp_path / "input", "CT", shape=(6, 40, 40))
     _set_on_every_file(tmp_path / "input", StudyInstanceUID="", SeriesInstanceUID="")
-    _expect_failure(tmp_path, tmp_path / "input", threshold_bundle, "blank SeriesInstanceUID and StudyInstanceUID")
+    _expect_failure(tmp_path, tmp_path / "input", threshold_bundle, f"{tmp_path / 'input'}: the selected series has blank SeriesInstanceUID and StudyInstanceUID")
     start_app(tmp_path / "input", tmp_path / "app_out", threshold_bundle, "--derive-missing-uids").check()
     seg = pydicom.dcmread(_only(tmp_path / "app_out", "*.dcm"))
     statement = "Source identifiers were blank and derived by the MSA2-Net application"

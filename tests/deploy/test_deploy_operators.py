@@ -88,30 +88,63 @@ def _single_slice(ds):
     del ds[1:]
 
 
+def _series_name(datasets: list[pydicom.Dataset]) -> str:
+    """How a refusal of the whole series must name it: its folder and its Series Instance UID."""
+    return f"{Path(datasets[0].filename).parent} (series {datasets[0].SeriesInstanceUID}): "
+
+
 @pytest.mark.parametrize(
-    "change, message",
+    "change, message, bad_file",
     [
-        (_duplicate, "same position"),
-        (_orientation, "mixed orientations"),
-        (_sop_class, "holds SOP class"),
-        (_multi_frame, "multi-frame"),
-        (_no_position, "ImagePositionPatient is missing"),
-        (_spacing, "PixelSpacing differs"),
-        (_single_slice, "at least 2 slices"),
+        (_duplicate, "same position", None),
+        (_orientation, "mixed orientations", 2),
+        (_sop_class, "holds SOP class", None),
+        (_multi_frame, "multi-frame", 1),
+        (_no_position, "ImagePositionPatient is missing", 3),
+        (_spacing, "PixelSpacing differs", 3),
+        (_single_slice, "at least 2 slices", None),
     ],
 )
-def test_check_series_rejects(ct_series, change, message):
+def test_check_series_rejects_naming_the_file_or_the_series(ct_series, change, message, bad_file):
+    """An instance's problem names its file; a problem of the series names its folder and UID."""
     datasets = _read(ct_series)
+    who = _series_name(datasets) if bad_file is None else f"{datasets[bad_file].filename}: "
     change(datasets)
-    with pytest.raises(volume.SeriesGeometryError, match=message):
+    with pytest.raises(volume.SeriesGeometryError, match=message) as err:
         volume.check_series(datasets)
+    assert str(err.value).startswith(who) and "\n" not in str(err.value)
+
+
+def test_check_series_without_files_names_the_instance(ct_series):
+    """Datasets made in memory have no file: the SOP Instance UID is all there is to name."""
+    datasets = [pydicom.Dataset(ds) for ds in _read(ct_series)]
+    datasets[1].NumberOfFrames = 2
+    with pytest.raises(volume.SeriesGeometryError, match=f"^instance {datasets[1].SOPInstanceUID}: multi-frame"):
+        volume.check_series(datasets)
+    with pytest.raises(volume.SeriesGeometryError, match=f"^series {datasets[0].SeriesInstanceUID}: 1 image"):
+        volume.check_series(datasets[:1])
+
+
+def test_decode_pixels_names_the_file_it_cannot_decode(tmp_path):
+    folder = tmp_path / "input"
+    write_series(folder, "CT", shape=(3, 16, 16))
+    bad = sorted(folder.glob("*.dcm"))[1]
+    ds = pydicom.dcmread(bad)
+    ds.PixelData = ds.PixelData[:100]  # a truncated transfer
+    ds.save_as(bad)
+    datasets = _read(folder)
+    volume.check_series(datasets)  # the header is sound
+    with pytest.raises(volume.SeriesGeometryError, match="the pixel data cannot be decoded") as err:
+        volume.decode_pixels(datasets)
+    assert str(err.value).startswith(f"{bad}: ") and "\n" not in str(err.value)
 
 
 def test_check_series_rejects_missing_slice_and_tilt(ct_series):
     datasets = _read(ct_series)
     gap = [ds for ds in datasets if int(ds.InstanceNumber) != 3]
-    with pytest.raises(volume.SeriesGeometryError, match="slice spacing is not uniform"):
+    with pytest.raises(volume.SeriesGeometryError, match="slice spacing is not uniform") as err:
         volume.check_series(gap)
+    assert str(err.value).startswith(_series_name(datasets))
     for k, ds in enumerate(sorted(datasets, key=lambda d: int(d.InstanceNumber))):
         ipp = [float(v) for v in ds.ImagePositionPatient]
         ds.ImagePositionPatient = [ipp[0], ipp[1] + 0.5 * k, ipp[2]]  # gantry tilt: y shifts with z
@@ -151,12 +184,14 @@ def test_repair_identifiers_takes_meta_uids_and_derives_the_rest_deterministical
 
 def test_derived_identifiers_refuse_unless_allowed():
     derived = loading.DerivedIdentifiers()
-    derived.add("1.2.3", ["StudyInstanceUID", "SeriesInstanceUID"])
+    derived.add("1.2.3", ["StudyInstanceUID", "SeriesInstanceUID"], "/data/case 7/series 2/a.dcm")
+    derived.add("1.2.3", ["StudyInstanceUID", "SeriesInstanceUID"], "/data/case 7/series 2/more/b.dcm")
     derived.check("9.9", allowed=False)  # another series: nothing derived
-    with pytest.raises(loading.InputError, match="blank SeriesInstanceUID and StudyInstanceUID"):
+    # the derived Series Instance UID means nothing to the user: the folder of the files does
+    with pytest.raises(loading.InputError, match="^/data/case 7/series 2: the selected series has blank SeriesInstanceUID and StudyInstanceUID"):
         derived.check("1.2.3", allowed=False)
     derived.check("1.2.3", allowed=True)
-    assert "StudyInstanceUID of 1 instance(s) from PatientID" in derived.statement("1.2.3")
+    assert "StudyInstanceUID of 2 instance(s) from PatientID" in derived.statement("1.2.3")
 
 
 def test_loader_groups_series_skips_non_dicom_and_repeated_files(tmp_path, ct_series):
@@ -176,8 +211,12 @@ def test_loader_groups_series_skips_non_dicom_and_repeated_files(tmp_path, ct_se
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.txt").write_text("x")
-    with pytest.raises(loading.InputError, match="no DICOM instance found: 1 file"):
+    with pytest.raises(loading.InputError, match="no DICOM instance found among 1 file") as err:
         loader.load_data_to_studies(empty)
+    assert str(err.value).startswith(f"{empty}: ")
+    with pytest.raises(loading.InputError, match="not a folder") as err:
+        loader.load_data_to_studies(empty / "a.txt")
+    assert str(err.value).startswith(f"{empty / 'a.txt'}: ")
 
 
 @pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"real data not available at {REAL_CT}")
