@@ -27,7 +27,9 @@ class ValidateImaged(MapTransform):
     Checks, after loading and ``EnsureChannelFirstd``: the number of spatial dimensions, the
     channel count, finite intensities, a usable geometry (finite, non-singular affine with
     spacing in ``(0, max_spacing]`` mm) and, when ``label_key`` is present, a label with the
-    image's spatial shape. Raises :class:`InputError` ``"<file>: <problem>"``.
+    image's spatial shape whose values are whole numbers in ``[0, 255]`` (the bundle stores
+    labels as uint8, which would wrap -1 to 255 and 256 to 0 without a word). Raises
+    :class:`InputError` ``"<file>: <problem>"``.
 
     Args:
         keys: the image key.
@@ -57,6 +59,33 @@ class ValidateImaged(MapTransform):
             raise InputError(f"{src}: the header's affine is singular or not finite.")
         if affine is not None and not np.allclose(np.asarray(affine, dtype=float), header_affine, atol=1e-4):
             raise InputError(f"{src}: the affine read ({np.asarray(affine).tolist()}) differs from the header's.")
+
+    @staticmethod
+    def _check_label_values(label) -> None:
+        """Refuse label values that are not whole numbers in ``[0, 255]``: one min/max pass, and for floats a rounding pass."""
+        src = _source(label)
+        values = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
+        if values.numel() == 0:
+            raise InputError(f"{src}: empty label map of shape {tuple(values.shape)}.")
+        lo, hi = (float(v) for v in torch.aminmax(values))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise InputError(f"{src}: label values must be whole numbers in [0, 255], found NaN or infinite values.")
+        if lo < 0 or hi > 255:
+            outside = torch.unique(values[(values < 0) | (values > 255)])
+            shown = ", ".join(f"{v:g}" for v in outside[:5].tolist()) + (", ..." if len(outside) > 5 else "")
+            raise InputError(
+                f"{src}: label values must be whole numbers in [0, 255] (class indices), found values in "
+                f"[{lo:g}, {hi:g}] ({shown} outside)."
+            )
+        if values.is_floating_point():
+            # contiguous chunks bound the temporary of frac() for large volumes and keep the pass fast
+            for chunk in values.reshape(-1).split(1 << 22):
+                if chunk.frac().count_nonzero():
+                    fractional = chunk[chunk.frac() != 0]
+                    raise InputError(
+                        f"{src}: label values must be whole numbers (class indices), found {float(fractional[0]):g}; "
+                        "is this an intensity image rather than a label map?"
+                    )
 
     def _check(self, img, label) -> None:
         src = _source(img)
@@ -98,6 +127,8 @@ class ValidateImaged(MapTransform):
             raise InputError(
                 f"{_source(label)}: label shape {tuple(label.shape[1:])} differs from its image's shape {shape[1:]} ({src})."
             )
+        if label is not None:
+            self._check_label_values(label)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
