@@ -37,7 +37,9 @@ from monai.utils import TraceKeys
 
 from msa2net.errors import InputError
 
-__all__ = ["ResizeImaged", "ResizeLabeld", "RestoreLabeld", "resize_image", "resize_label", "restore_label"]
+__all__ = [
+    "ResizeImaged", "ResizeLabeld", "RestoreLabeld", "check_label_classes", "resize_image", "resize_label", "restore_label",
+]
 
 _RESIZE_OPS = ("Resize", "Resized", "ResizeImaged")
 
@@ -110,6 +112,24 @@ def resize_image(image: torch.Tensor, plane: Sequence[int], anti_aliasing: bool 
     return out
 
 
+def check_label_classes(label: torch.Tensor, num_classes: int) -> None:
+    """Refuse label values that ``num_classes`` (background + the profile's class_names) have no class for.
+
+    Raises:
+        InputError: naming the values and the class count (callers prefix the file); one-hot encoding
+            would otherwise fail with torch's message, which names neither.
+    """
+    lbl = _plain(label)
+    if lbl.numel() == 0 or float(lbl.max()) < num_classes:
+        return
+    extra = torch.unique(lbl[lbl >= num_classes]).tolist()
+    shown = ", ".join(f"{v:g}" for v in extra[:8]) + (", ..." if len(extra) > 8 else "")
+    raise InputError(
+        f"label values {shown} do not exist in this profile, which has {num_classes} classes "
+        f"(0 = background, 1..{num_classes - 1} = class_names); remap the labels or use the matching profile."
+    )
+
+
 def resize_label(label: torch.Tensor, plane: Sequence[int], num_classes: int | None = None, chunk: int = 32) -> torch.Tensor:
     """Resize a label map ``(1, H, W[, D])`` of whole numbers to ``plane`` ``(h, w)`` through one-hot channels.
 
@@ -126,13 +146,8 @@ def resize_label(label: torch.Tensor, plane: Sequence[int], num_classes: int | N
     lo, hi = (int(v) for v in torch.aminmax(lbl))
     if lo < 0 or hi > 255:
         raise InputError(f"label values must be whole numbers in [0, 255], found values in [{lo}, {hi}].")
-    if num_classes and hi >= num_classes:
-        extra = torch.unique(lbl[lbl >= num_classes]).tolist()
-        shown = ", ".join(map(str, extra[:8])) + (", ..." if len(extra) > 8 else "")
-        raise InputError(
-            f"label values {shown} do not exist in this profile, which has {num_classes} classes "
-            f"(0 = background, 1..{num_classes - 1} = class_names); remap the labels or use the matching profile."
-        )
+    if num_classes:
+        check_label_classes(lbl, num_classes)
     k = int(num_classes or hi + 1)
     depth = lbl.shape[-1] if lbl.ndim == 4 else 1
     out = torch.zeros((1, *plane, *lbl.shape[3:]), dtype=torch.uint8, device=lbl.device)

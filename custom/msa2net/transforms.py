@@ -12,8 +12,9 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from msa2net.errors import InputError
+from msa2net.resample import check_label_classes
 
-__all__ = ["InputError", "ValidateImaged"]
+__all__ = ["InputError", "ValidateImaged", "ValidateLabelClassesd"]
 
 
 def _source(img) -> str:
@@ -135,4 +136,31 @@ class ValidateImaged(MapTransform):
         label = d.get(self.label_key) if self.label_key else None
         for key in self.key_iterator(d):
             self._check(d[key], label)
+        return d
+
+
+class ValidateLabelClassesd(MapTransform):
+    """Refuse label values the profile has no class for, naming the label file.
+
+    Training finds them in :class:`msa2net.resample.ResizeLabeld`; pipelines that keep labels on
+    their own grid (validation, ``evaluate.json``) need this check after the profile's
+    ``label_transforms`` (which may remap values, e.g. 0/255 masks to 0/1), before one-hot encoding.
+
+    Args:
+        keys: label keys.
+        num_classes: background + the profile's class_names.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = int(num_classes)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                check_label_classes(d[key], self.num_classes)
+            except InputError as err:
+                raise InputError(f"{_source(d[key])}: {err}") from None
         return d
