@@ -124,8 +124,9 @@ def check_label_classes(label: torch.Tensor, num_classes: int) -> None:
         return
     extra = torch.unique(lbl[lbl >= num_classes]).tolist()
     shown = ", ".join(f"{v:g}" for v in extra[:8]) + (", ..." if len(extra) > 8 else "")
+    values = "label value {} does" if len(extra) == 1 else "label values {} do"
     raise InputError(
-        f"label values {shown} do not exist in this profile, which has {num_classes} classes "
+        f"{values.format(shown)} not exist in this profile, which has {num_classes} classes "
         f"(0 = background, 1..{num_classes - 1} = class_names); remap the labels or use the matching profile."
     )
 
