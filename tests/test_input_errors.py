@@ -34,7 +34,7 @@ def bundle(profile: str, **overrides) -> ConfigParser:
     return parser
 
 
-def first_error_line(transforms, item: dict) -> str:
+def line_shown_for(transforms, item: dict) -> str:
     """The line a user is shown for ``item`` (the most specific reason in MONAI's chain of wrapped errors)."""
     with pytest.raises(Exception) as info:
         Compose(transforms)(item)
@@ -102,14 +102,14 @@ def test_labels_that_the_uint8_cast_would_wrap_are_refused_naming_the_file(tmp_p
     label[3, 5, 1] = value
     item = write_volume(tmp_path, "case", label, label_dtype=np.float32)
     transforms = training_transforms("acdc") if where == "training" else validation_transforms("acdc")
-    line = first_error_line(transforms, item)
+    line = line_shown_for(transforms, item)
     assert line.startswith(f"{item['label']}: label values must be whole numbers"), line
     assert re.search(problem, line), line
 
 
 def test_btcv_labels_under_the_synapse_profile_are_refused_with_the_class_count(tmp_path):
     item = write_volume(tmp_path, "img0001", organs(14))  # the 13 BTCV organs, not remapped to Synapse's 8
-    line = first_error_line(training_transforms("synapse"), item)
+    line = line_shown_for(training_transforms("synapse"), item)
     assert line == (
         f"{item['label']}: label values 9, 10, 11, 12, 13 do not exist in this profile, which has 9 classes "
         "(0 = background, 1..8 = class_names); remap the labels or use the matching profile."
@@ -118,7 +118,7 @@ def test_btcv_labels_under_the_synapse_profile_are_refused_with_the_class_count(
 
 def test_btcv_labels_in_the_validation_list_are_refused_before_one_hot(tmp_path):
     item = write_volume(tmp_path, "img0035", organs(14))
-    line = first_error_line(validation_with_class_check("synapse"), item)
+    line = line_shown_for(validation_with_class_check("synapse"), item)
     assert line.startswith(f"{item['label']}: label values 9, 10, 11, 12, 13 do not exist in this profile, which has 9 classes"), line
 
 
@@ -150,7 +150,7 @@ def test_rgb_masks_outside_0_255_are_refused_naming_the_file(tmp_path, profile):
     mask = np.zeros((48, 40), np.uint16)
     mask[4, 4] = 300
     Image.fromarray(mask).save(item["label"])  # a 16-bit grey PNG
-    line = first_error_line(training_transforms(profile), item)
+    line = line_shown_for(training_transforms(profile), item)
     assert line.startswith(f"{item['label']}: label values must be whole numbers in [0, 255]"), line
 
 
