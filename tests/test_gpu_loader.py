@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from msa2net.data.gpu_loader import GPUSliceLoader, stack_slices
+from msa2net.errors import InputError
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 
@@ -149,7 +151,7 @@ def test_channels_last(volumes):
 
 
 def test_bad_inputs_fail_clearly(volumes):
-    with pytest.raises(ValueError, match="item 0 is a list"):
+    with pytest.raises(ValueError, match="dataset item 0: the dataset gives a list"):
         GPUSliceLoader([[volumes[0]]], device="cpu")
     bad = dict(volumes[1], label=volumes[1]["label"][..., :3])
     with pytest.raises(ValueError, match="item 1: expected image"):
@@ -159,8 +161,25 @@ def test_bad_inputs_fail_clearly(volumes):
         GPUSliceLoader([volumes[0], other], device="cpu")
     with pytest.raises(ValueError, match="whole numbers"):
         GPUSliceLoader([dict(volumes[0], label=volumes[0]["label"] * 0.5)], device="cpu")
+    with pytest.raises(ValueError, match=r"whole numbers in \[0, 255\], found values in \[0, 300\]"):
+        GPUSliceLoader([dict(volumes[0], label=volumes[0]["label"].float() * 150)], device="cpu")
     with pytest.raises(ValueError, match="square"):
         GPUSliceLoader([{"image": torch.rand(1, 16, 32), "label": torch.zeros(1, 16, 32)}], device="cpu", augmentation=EXACT)
+
+
+def test_bad_items_are_named_by_their_files(volumes):
+    def loaded(item, stem):
+        return {k: MetaTensor(v, meta={"filename_or_obj": f"/data/{k}s/{stem}.nii.gz"}) for k, v in item.items()}
+
+    good = loaded(volumes[0], "case_0")
+    with pytest.raises(InputError, match=r"^/data/labels/case_1.nii.gz: labels must be whole numbers"):
+        GPUSliceLoader([good, loaded(dict(volumes[1], label=volumes[1]["label"] * 0.5), "case_1")], device="cpu")
+    with pytest.raises(InputError, match=r"^/data/images/case_2.nii.gz: in-plane size \(16, 16\) differs from \(32, 32\) of /data/images/case_0.nii.gz"):
+        GPUSliceLoader([good, loaded(blob_volume(2, size=16), "case_2")], device="cpu")
+    with pytest.raises(InputError, match=r"^/data/images/case_3.nii.gz: expected image"):
+        GPUSliceLoader([good, loaded(dict(volumes[3], label=volumes[3]["label"][..., :3]), "case_3")], device="cpu")
+    with pytest.raises(ValueError, match=r"^/data/images/case_0.nii.gz: the dataset gives a list"):
+        GPUSliceLoader([[good]], device="cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -14,6 +14,7 @@ from monai.data import MetaTensor
 from conftest import shared_data
 from monai.transforms import Resized
 
+from msa2net.errors import InputError
 from msa2net.resample import ResizeImaged, ResizeLabeld, RestoreLabeld, resize_label, restore_label
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
@@ -122,6 +123,15 @@ def test_bad_shapes_fail_clearly():
         resize_label(torch.full((1, 8, 8), 300.0), (4, 4))
     with pytest.raises(ValueError, match="does not match"):
         RestoreLabeld("pred")({"image": torch.zeros(1, 8, 8, 2), "pred": torch.zeros(3, 8, 8, 3)})
+
+
+def test_label_values_beyond_the_classes_name_the_file_before_one_hot():
+    label = torch.zeros(1, 8, 8, 2)
+    label[0, 2, 2, 1], label[0, 3, 3, 0] = 13, 9
+    item = {"label": MetaTensor(label, meta={"filename_or_obj": "/data/label0001.nii.gz"})}
+    with pytest.raises(InputError, match=r"^/data/label0001.nii.gz: label values 9, 13 do not exist in this profile, which has 9 classes"):
+        ResizeLabeld("label", (4, 4), num_classes=9)(item)
+    assert ResizeLabeld("label", (4, 4), num_classes=14)(item)["label"].shape == (1, 4, 4, 2)
 
 
 OBLIQUE = torch.tensor([[0.0, -1.2, 0.1, 40.0], [1.4, 0.0, 0.0, -20.0], [0.0, 0.05, 8.0, 5.0], [0, 0, 0, 1]], dtype=torch.float64)

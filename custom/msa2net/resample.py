@@ -35,13 +35,21 @@ from monai.transforms import MapTransform
 from monai.transforms.utils import scale_affine
 from monai.utils import TraceKeys
 
-__all__ = ["ResizeImaged", "ResizeLabeld", "RestoreLabeld", "resize_image", "resize_label", "restore_label"]
+from msa2net.errors import InputError
+
+__all__ = [
+    "ResizeImaged", "ResizeLabeld", "RestoreLabeld", "check_label_classes", "resize_image", "resize_label", "restore_label",
+]
 
 _RESIZE_OPS = ("Resize", "Resized", "ResizeImaged")
 
 
 def _plain(x) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+def _source(x) -> str:
+    return str((getattr(x, "meta", None) or {}).get("filename_or_obj", "<in-memory label>"))
 
 
 def _chunks(depth: int, size: int):
@@ -104,18 +112,44 @@ def resize_image(image: torch.Tensor, plane: Sequence[int], anti_aliasing: bool 
     return out
 
 
+def check_label_classes(label: torch.Tensor, num_classes: int) -> None:
+    """Refuse label values that ``num_classes`` (background + the profile's class_names) have no class for.
+
+    Raises:
+        InputError: naming the values and the class count (callers prefix the file); one-hot encoding
+            would otherwise fail with torch's message, which names neither.
+    """
+    lbl = _plain(label)
+    if lbl.numel() == 0 or float(lbl.max()) < num_classes:
+        return
+    extra = torch.unique(lbl[lbl >= num_classes]).tolist()
+    shown = ", ".join(f"{v:g}" for v in extra[:8]) + (", ..." if len(extra) > 8 else "")
+    values = "label value {} does" if len(extra) == 1 else "label values {} do"
+    raise InputError(
+        f"{values.format(shown)} not exist in this profile, which has {num_classes} classes "
+        f"(0 = background, 1..{num_classes - 1} = class_names); remap the labels or use the matching profile."
+    )
+
+
 def resize_label(label: torch.Tensor, plane: Sequence[int], num_classes: int | None = None, chunk: int = 32) -> torch.Tensor:
     """Resize a label map ``(1, H, W[, D])`` of whole numbers to ``plane`` ``(h, w)`` through one-hot channels.
 
     Returns ``(1, h, w[, D])`` uint8 on the label's device. ``num_classes`` defaults to the largest label + 1.
+
+    Raises:
+        InputError: label values outside ``[0, 255]`` or, with ``num_classes``, not below it (the
+            message names the values; :class:`ResizeLabeld` prefixes the file).
     """
     if label.ndim not in (3, 4) or label.shape[0] != 1:
         raise ValueError(f"expected a label map (1, H, W[, D]), got shape {tuple(label.shape)}.")
     lbl = _plain(label)
     lbl = (lbl.round() if lbl.is_floating_point() else lbl).long()
-    if lbl.min() < 0 or lbl.max() > 255:
-        raise ValueError(f"labels must be whole numbers in [0, 255], got [{int(lbl.min())}, {int(lbl.max())}].")
-    k = int(num_classes or int(lbl.max()) + 1)
+    lo, hi = (int(v) for v in torch.aminmax(lbl))
+    if lo < 0 or hi > 255:
+        raise InputError(f"label values must be whole numbers in [0, 255], found values in [{lo}, {hi}].")
+    if num_classes:
+        check_label_classes(lbl, num_classes)
+    k = int(num_classes or hi + 1)
     depth = lbl.shape[-1] if lbl.ndim == 4 else 1
     out = torch.zeros((1, *plane, *lbl.shape[3:]), dtype=torch.uint8, device=lbl.device)
     for start, stop in _chunks(depth, chunk):
@@ -191,7 +225,8 @@ class ResizeLabeld(MapTransform):
         keys: label keys.
         spatial_size: ``(h, w)``; a longer sequence (the bundle's ``resize_size``, ``[h, w, -1]``) is cut
             to its first two entries.
-        num_classes: classes of the one-hot encoding (default: largest label + 1 per image).
+        num_classes: classes of the one-hot encoding (default: largest label + 1 per image); a label
+            value not below it raises :class:`InputError` naming the label file.
         allow_missing_keys: skip absent keys.
     """
 
@@ -208,7 +243,11 @@ class ResizeLabeld(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = _with_geometry(resize_label(d[key], self.plane, self.num_classes), d[key], self.plane)
+            try:
+                small = resize_label(d[key], self.plane, self.num_classes)
+            except InputError as err:
+                raise InputError(f"{_source(d[key])}: {err}") from None
+            d[key] = _with_geometry(small, d[key], self.plane)
         return d
 
 

@@ -12,8 +12,9 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from msa2net.errors import InputError
+from msa2net.resample import check_label_classes
 
-__all__ = ["InputError", "ValidateImaged"]
+__all__ = ["InputError", "ValidateImaged", "ValidateLabelClassesd"]
 
 
 def _source(img) -> str:
@@ -27,7 +28,9 @@ class ValidateImaged(MapTransform):
     Checks, after loading and ``EnsureChannelFirstd``: the number of spatial dimensions, the
     channel count, finite intensities, a usable geometry (finite, non-singular affine with
     spacing in ``(0, max_spacing]`` mm) and, when ``label_key`` is present, a label with the
-    image's spatial shape. Raises :class:`InputError` ``"<file>: <problem>"``.
+    image's spatial shape whose values are whole numbers in ``[0, 255]`` (the bundle stores
+    labels as uint8, which would wrap -1 to 255 and 256 to 0 without a word). Raises
+    :class:`InputError` ``"<file>: <problem>"``.
 
     Args:
         keys: the image key.
@@ -57,6 +60,33 @@ class ValidateImaged(MapTransform):
             raise InputError(f"{src}: the header's affine is singular or not finite.")
         if affine is not None and not np.allclose(np.asarray(affine, dtype=float), header_affine, atol=1e-4):
             raise InputError(f"{src}: the affine read ({np.asarray(affine).tolist()}) differs from the header's.")
+
+    @staticmethod
+    def _check_label_values(label) -> None:
+        """Refuse label values that are not whole numbers in ``[0, 255]``: one min/max pass, and for floats a rounding pass."""
+        src = _source(label)
+        values = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
+        if values.numel() == 0:
+            raise InputError(f"{src}: empty label map of shape {tuple(values.shape)}.")
+        lo, hi = (float(v) for v in torch.aminmax(values))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise InputError(f"{src}: label values must be whole numbers in [0, 255], found NaN or infinite values.")
+        if lo < 0 or hi > 255:
+            outside = torch.unique(values[(values < 0) | (values > 255)])
+            shown = ", ".join(f"{v:g}" for v in outside[:5].tolist()) + (", ..." if len(outside) > 5 else "")
+            raise InputError(
+                f"{src}: label values must be whole numbers in [0, 255] (class indices), found values in "
+                f"[{lo:g}, {hi:g}] ({shown} outside)."
+            )
+        if values.is_floating_point():
+            # contiguous chunks bound the temporary of frac() for large volumes and keep the pass fast
+            for chunk in values.reshape(-1).split(1 << 22):
+                if chunk.frac().count_nonzero():
+                    fractional = chunk[chunk.frac() != 0]
+                    raise InputError(
+                        f"{src}: label values must be whole numbers (class indices), found {float(fractional[0]):g}; "
+                        "is this an intensity image rather than a label map?"
+                    )
 
     def _check(self, img, label) -> None:
         src = _source(img)
@@ -98,10 +128,39 @@ class ValidateImaged(MapTransform):
             raise InputError(
                 f"{_source(label)}: label shape {tuple(label.shape[1:])} differs from its image's shape {shape[1:]} ({src})."
             )
+        if label is not None:
+            self._check_label_values(label)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         label = d.get(self.label_key) if self.label_key else None
         for key in self.key_iterator(d):
             self._check(d[key], label)
+        return d
+
+
+class ValidateLabelClassesd(MapTransform):
+    """Refuse label values the profile has no class for, naming the label file.
+
+    Training finds them in :class:`msa2net.resample.ResizeLabeld`; pipelines that keep labels on
+    their own grid (validation, ``evaluate.json``) need this check after the profile's
+    ``label_transforms`` (which may remap values, e.g. 0/255 masks to 0/1), before one-hot encoding.
+
+    Args:
+        keys: label keys.
+        num_classes: background + the profile's class_names.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = int(num_classes)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                check_label_classes(d[key], self.num_classes)
+            except InputError as err:
+                raise InputError(f"{_source(d[key])}: {err}") from None
         return d

@@ -24,7 +24,8 @@ def load_datalist(
 
     Paths that resolve outside ``base_dir`` (``../``, absolute paths, links pointing out)
     are refused unless ``allow_outside_root``: a datalist must not make the bundle read or
-    write arbitrary files.
+    write arbitrary files. Paths that do not exist are refused too, here rather than later
+    inside a DataLoader worker.
 
     Args:
         datalist_file: the JSON file.
@@ -34,6 +35,11 @@ def load_datalist(
 
     Returns:
         entries with absolute ``image``/``label`` paths.
+
+    Raises:
+        DatalistError: ``"<datalist>: <problem>"`` for a missing or unreadable datalist, an empty
+            list, a path outside the root or a path that does not exist (the first one, with the
+            number of others).
     """
     datalist_file = Path(datalist_file)
     if not datalist_file.is_file():
@@ -45,6 +51,7 @@ def load_datalist(
         raise DatalistError(f"{datalist_file}: cannot read list {key!r} ({e}).") from None
     if not entries:
         raise DatalistError(f"{datalist_file}: list {key!r} is empty.")
+    missing = []
     for entry in entries:
         for field in ("image", "label"):
             if field not in entry:
@@ -52,4 +59,10 @@ def load_datalist(
             path = Path(entry[field]).resolve()
             if not allow_outside_root and not path.is_relative_to(root):
                 raise DatalistError(f"{datalist_file}: {field} path {entry[field]} lies outside the dataset root {root}.")
+            if not path.exists():
+                missing.append((field, entry[field]))
+    if missing:
+        field, path = missing[0]
+        more = f" ({len(missing) - 1} more path(s) of list {key!r} missing too)" if len(missing) > 1 else ""
+        raise DatalistError(f"{datalist_file}: {field} {path} not found{more}.")
     return entries

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from msa2net.data.augment import SliceAugmentation
+from msa2net.errors import InputError
 
 __all__ = ["GPUSliceLoader", "stack_slices"]
 
@@ -30,6 +31,14 @@ def _plain(x) -> torch.Tensor:
     if hasattr(x, "as_tensor"):
         x = x.as_tensor()
     return torch.as_tensor(x)
+
+
+def _name(item, key: str, index: int) -> str:
+    """The file ``item[key]`` was loaded from (MetaTensor metadata), else ``dataset item <index>``."""
+    if isinstance(item, (list, tuple)):
+        item = item[0] if item else {}
+    meta = getattr(item.get(key) if isinstance(item, Mapping) else None, "meta", None) or {}
+    return str(meta.get("filename_or_obj") or f"dataset item {index}")
 
 
 def stack_slices(
@@ -45,8 +54,10 @@ def stack_slices(
     slices along the last axis, 2D items one slice each. Labels must be whole numbers in ``[0, 255]``.
 
     Raises:
-        ValueError: naming the item, for a list item (random sampling left in the pipeline), a missing
-            key, mismatched image/label shapes, a different in-plane size or non-integral labels.
+        ValueError: a list item (random sampling left in the pipeline), or an empty dataset.
+        InputError: a missing key, mismatched image/label shapes, a different in-plane size or labels
+            that are not whole numbers in ``[0, 255]``; the message starts with the item's image (or,
+            for its labels, label) file, or ``dataset item <i>`` for items without file metadata.
     """
     images, labels = [], []
     plane = None
@@ -54,22 +65,23 @@ def stack_slices(
         item = dataset[i]
         if isinstance(item, (list, tuple)):
             raise ValueError(
-                f"dataset item {i} is a list: the loader needs the deterministic transforms only "
-                "(drop RandSpatialCropSamplesd and the augmentation from the dataset's transform)."
+                f"{_name(item, image_key, i)}: the dataset gives a list of samples; the loader needs the deterministic "
+                "transforms only (drop RandSpatialCropSamplesd and the augmentation from the dataset's transform)."
             )
         if image_key not in item or label_key not in item:
-            raise ValueError(f"dataset item {i} lacks {image_key!r} or {label_key!r} (keys: {sorted(item)}).")
+            present = image_key if image_key in item else label_key
+            raise InputError(f"{_name(item, present, i)}: lacks {image_key!r} or {label_key!r} (keys: {sorted(item)}).")
         img, lbl = _plain(item[image_key]), _plain(item[label_key])
         if img.ndim not in (3, 4) or lbl.ndim != img.ndim or lbl.shape[0] != 1 or lbl.shape[1:] != img.shape[1:]:
-            raise ValueError(
-                f"dataset item {i}: expected image (C, H, W[, D]) and label (1, H, W[, D]) of the same spatial "
+            raise InputError(
+                f"{_name(item, image_key, i)}: expected image (C, H, W[, D]) and label (1, H, W[, D]) of the same spatial "
                 f"shape, got {tuple(img.shape)} and {tuple(lbl.shape)}."
             )
         if plane is None:
-            plane = tuple(img.shape[1:3])
+            plane, first = tuple(img.shape[1:3]), _name(item, image_key, i)
         elif tuple(img.shape[1:3]) != plane:
-            raise ValueError(
-                f"dataset item {i}: in-plane size {tuple(img.shape[1:3])} differs from the first item's {plane}; "
+            raise InputError(
+                f"{_name(item, image_key, i)}: in-plane size {tuple(img.shape[1:3])} differs from {plane} of {first}; "
                 "resize every item to spatial_size first."
             )
         if img.ndim == 4:  # (C, H, W, D) -> (D, C, H, W)
@@ -79,7 +91,10 @@ def stack_slices(
         lbl = lbl.float() if not lbl.dtype.is_floating_point else lbl
         rounded = lbl.round()
         if (rounded - lbl).abs().max() > 1e-3 or rounded.min() < 0 or rounded.max() > 255:
-            raise ValueError(f"dataset item {i}: labels must be whole numbers in [0, 255].")
+            raise InputError(
+                f"{_name(item, label_key, i)}: labels must be whole numbers in [0, 255], found values in "
+                f"[{float(lbl.min()):g}, {float(lbl.max()):g}]."
+            )
         images.append(img.to(image_dtype))
         labels.append(rounded.to(torch.uint8))
     if not images:
