@@ -19,7 +19,6 @@ from PIL import Image
 
 from conftest import BUNDLE, bundle_cmd, shared_data
 from msa2net.inference import error_line
-from msa2net.transforms import ValidateLabelClassesd
 
 CONFIGS = BUNDLE / "configs"
 VOLUME_PROFILES = {"acdc": 4, "synapse": 9, "synthetic": 3}  # profile: num_classes
@@ -51,18 +50,6 @@ def training_transforms(profile: str):
 
 def validation_transforms(profile: str):
     return bundle(profile).get_parsed_content("validate#preprocessing").transforms
-
-
-def validation_with_class_check(profile: str):
-    """``validate#preprocessing`` with the class check placed after the profile's label_transforms (which may remap)."""
-    parser = bundle(profile)
-    return [
-        *parser.get_parsed_content("load_transforms"),
-        *parser.get_parsed_content("label_transforms"),
-        ValidateLabelClassesd("label", parser.get_parsed_content("num_classes")),
-        *parser.get_parsed_content("intensity_transforms"),
-        parser.get_parsed_content("resize_transforms")[0],
-    ]
 
 
 def write_volume(folder: Path, name: str, label: np.ndarray, label_dtype=np.uint8) -> dict:
@@ -118,7 +105,7 @@ def test_btcv_labels_under_the_synapse_profile_are_refused_with_the_class_count(
 
 def test_btcv_labels_in_the_validation_list_are_refused_before_one_hot(tmp_path):
     item = write_volume(tmp_path, "img0035", organs(14))
-    line = line_shown_for(validation_with_class_check("synapse"), item)
+    line = line_shown_for(validation_transforms("synapse"), item)
     assert line.startswith(f"{item['label']}: label values 9, 10, 11, 12, 13 do not exist in this profile, which has 9 classes"), line
 
 
@@ -128,9 +115,8 @@ def test_every_volume_profile_still_takes_its_own_labels(tmp_path, profile):
     item = write_volume(tmp_path, "case", organs(num_classes), label_dtype=np.int16)
     out = Compose(training_transforms(profile))(item)
     assert sorted(np.unique(np.asarray(out["label"])).tolist()) == list(range(num_classes))
-    for transforms in (validation_transforms(profile), validation_with_class_check(profile)):
-        val = Compose(transforms)(item)
-        assert sorted(np.unique(np.asarray(val["label"])).tolist()) == list(range(num_classes))
+    val = Compose(validation_transforms(profile))(item)
+    assert sorted(np.unique(np.asarray(val["label"])).tolist()) == list(range(num_classes))
 
 
 @pytest.mark.parametrize("profile", RGB_PROFILES)
@@ -139,7 +125,7 @@ def test_rgb_profiles_still_take_0_255_masks_with_jpeg_grey_levels(tmp_path, pro
     mask[10:30, 8:24] = 255
     mask[10, 8:24] = 131  # the grey rim of a mask once saved as JPEG
     item = write_rgb(tmp_path, "frame", mask)
-    for transforms in (training_transforms(profile), validation_transforms(profile), validation_with_class_check(profile)):
+    for transforms in (training_transforms(profile), validation_transforms(profile)):
         out = Compose(transforms)(item)
         assert sorted(np.unique(np.asarray(out["label"])).tolist()) == [0, 1]
 
@@ -164,7 +150,7 @@ def test_real_acdc_and_kvasir_cases_pass_their_profiles():
     for profile, case in cases.items():
         root = acdc if profile == "acdc" else kvasir
         item = {k: str(root / v) for k, v in case.items()}
-        for transforms in (training_transforms(profile), validation_with_class_check(profile)):
+        for transforms in (training_transforms(profile), validation_transforms(profile)):
             out = Compose(transforms)(item)
             assert int(np.asarray(out["label"]).max()) == (3 if profile == "acdc" else 1)
 
@@ -172,7 +158,7 @@ def test_real_acdc_and_kvasir_cases_pass_their_profiles():
 def test_real_ct_with_synapse8_labels_passes_the_synapse_profile():
     ct = shared_data("ct")
     item = {"image": str(ct / "example_ct_112.nii.gz"), "label": str(ct / "example_ct_112_label_synapse8.nii.gz")}
-    for transforms in (training_transforms("synapse"), validation_with_class_check("synapse")):
+    for transforms in (training_transforms("synapse"), validation_transforms("synapse")):
         out = Compose(transforms)(item)
         assert 0 < int(np.asarray(out["label"]).max()) <= 8
 
