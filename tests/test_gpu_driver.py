@@ -54,7 +54,7 @@ def test_watch_reports_the_run_and_its_evaluations(watched):
     assert status["evaluations"]["best"]["num_cases"] == 1 and status["evaluations"]["final"]["num_cases"] == 1
     with tarfile.open(out / "logs.tar.gz") as logs:
         train_log = logs.extractfile("first/train.log").read().decode()
-    # the budget, not the profile's max_epochs, ended the run, after the last epoch the log shows
+    # the budget ended the run (not the profile's max_epochs), after the last epoch it counted
     ended = re.findall(r"time budget of 12 s used after epoch (\d+): training ends", train_log)
     assert ended == [str(status["epochs_done"])], train_log[-3000:]
 
