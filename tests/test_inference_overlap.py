@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 
 import nibabel as nib
 import numpy as np
@@ -20,18 +19,46 @@ from msa2net.atomic import PARTIAL_PREFIX
 
 
 class ThresholdNet(torch.nn.Module):
-    """Two-class 'network': foreground where the (normalised) intensity is above 0.5. ``delay`` seconds per call."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        super().__init__()
-        self.delay, self.calls = delay, []
+    """Two-class 'network': foreground where the (normalised) intensity is above 0.5."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        time.sleep(self.delay)
         fg = (x[:, :1] - 0.5) * 20
-        self.calls.append((start, time.perf_counter()))
         return torch.cat([-fg, fg], dim=1)
+
+
+class Timeline:
+    """What happened, in the order it happened, in any thread."""
+
+    def __init__(self) -> None:
+        self._lock, self.events = threading.Lock(), []
+
+    def __call__(self, event: str) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def before(self, first: str, then: str) -> bool:
+        return self.events.index(first) < self.events.index(then)
+
+
+class RecordingNet(ThresholdNet):
+    """Records the start and end of each call; the second call waits for ``hold`` (at most a minute).
+
+    ``held`` tells whether ``hold`` was set during that wait, so what must happen during an inference is
+    waited for instead of hoped for from timing.
+    """
+
+    def __init__(self, timeline: Timeline, hold: threading.Event | None = None) -> None:
+        super().__init__()
+        self.timeline, self.hold, self.calls, self.held = timeline, hold, 0, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.timeline(f"infer {self.calls} start")
+        if self.calls == 2 and self.hold is not None:
+            self.held = self.hold.wait(timeout=60)
+        out = super().forward(x)
+        self.timeline(f"infer {self.calls} end")
+        return out
 
 
 GOOD = {  # name: (shape, affine)
@@ -128,24 +155,32 @@ def test_a_failed_write_fails_its_case_alone_and_leaves_no_file(inputs, tmp_path
 def test_cases_are_read_in_a_background_thread_while_the_previous_one_is_inferred(inputs, tmp_path, caplog, prefetch):
     """With prefetch the next case is read during an inference; by default on a CPU only after the case is written."""
     folder, ckpt = inputs
-    net = ThresholdNet(delay=0.3)
-    eng = engine(folder, ckpt, tmp_path / "out", net, prefetch)
-    reads = {}
+    out = tmp_path / "out"
+    timeline, third_read = Timeline(), threading.Event()
+    net = RecordingNet(timeline, hold=third_read if prefetch else None)  # one call per case (32 slices a batch)
+    eng = engine(folder, ckpt, out, net, prefetch)
+    threads, second_written = set(), {}
     preprocess = eng.dataset.transform
 
-    def timed(data):
-        reads[data["image"].split("/")[-1]] = (threading.current_thread().name, time.perf_counter())
+    def recorded(data):
+        name = data["image"].split("/")[-1]
+        threads.add(threading.current_thread().name)
+        second_written[name] = (out / "b_good_seg.nii.gz").is_file()
+        timeline(f"read {name}")
+        if name == "c_corrupt.nii.gz":
+            third_read.set()
         return preprocess(data)
 
-    eng.dataset.transform = timed
+    eng.dataset.transform = recorded
     run_logged(eng, caplog)
-    assert all(thread.startswith("msa2net-read") for thread, _ in reads.values())
-    first, second = net.calls[:2]
-    assert reads["b_good.nii.gz"][1] >= first[1]  # the first inference runs alone
+    assert net.calls == 3 and threads and all(t.startswith("msa2net-read") for t in threads)
+    assert timeline.before("infer 1 end", "read b_good.nii.gz")  # the first inference runs alone
     if prefetch:
-        assert first[1] < reads["c_corrupt.nii.gz"][1] < second[1]  # case 3 is read before case 2 is inferred
+        # case 3's read began while case 2 was inferred: the inference waited for it and did not time out
+        assert net.held is True and timeline.before("read c_corrupt.nii.gz", "infer 2 end")
+        assert not second_written["c_corrupt.nii.gz"]
     else:
-        assert reads["c_corrupt.nii.gz"][1] > second[1]
+        assert timeline.before("infer 2 end", "read c_corrupt.nii.gz") and second_written["c_corrupt.nii.gz"]
 
 
 def test_unreadable_checkpoint_stops_before_any_case_with_exit_2(inputs, tmp_path, caplog):

@@ -1,15 +1,17 @@
 """The training recipe's parts: per-iteration learning rate, time budget, gradient clipping, EMA, flip TTA, augmentation."""
 
 import json
-import math
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.handlers import ValidationHandler
 
+from msa2net import schedule
 from msa2net.data.augment import RandSliceAugmentd, SliceAugmentation
 from msa2net.schedule import IterationLR, TimeBudget, lr_factor
 from msa2net.step_handlers import EMAUpdate, GradientClipping, NoLossScalingForBF16, model_ema
@@ -28,33 +30,73 @@ def test_lr_factor_warms_up_then_decays_to_zero():
         lr_factor(50, 100, "step")
 
 
-def test_time_budget_fits_the_run_and_the_schedule_ends_with_it():
+class Clock:
+    """The time :class:`TimeBudget` reads: advanced only by ``tick``, so runs neither spend nor measure wall-clock time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(schedule, "time", SimpleNamespace(perf_counter=lambda: fake.now))
+    return fake
+
+
+def validations(validator: Engine) -> list[int]:
+    """The epochs a validator runs on, recorded by a handler on the validator itself."""
+    epochs = []
+    validator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs.append(e.state.epoch))
+    return epochs
+
+
+def one_batch_evaluator() -> SupervisedEvaluator:
+    """A real MONAI evaluator (one batch, a 1x1 convolution), run by the handlers as ``run(global_epoch)``."""
+    batch = {"image": torch.zeros(1, 1, 4, 4), "label": torch.zeros(1, 1, 4, 4)}
+    return SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=[batch], epoch_length=1, network=torch.nn.Conv2d(1, 1, 1))
+
+
+def test_time_budget_fits_the_run_and_the_schedule_ends_with_it(clock):
     w = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([w], lr=0.1)
     lrs = []
 
     def step(engine, batch):
-        time.sleep(0.01)
+        clock.tick(1 / 64)  # 4 iterations per epoch: 1/16 s, binary-exact
         lrs.append(opt.param_groups[0]["lr"])
 
     engine = Engine(step)
-    validated = []
-    validator = Engine(lambda e, b: None)
-    validator.run = validated.append  # MONAI's evaluators are run as ``run(global_epoch)``
+    validator = one_batch_evaluator()
+    validated = validations(validator)
     IterationLR(opt, "poly", warmup_iters=2).attach(engine)
+    ValidationHandler(interval=10, validator=validator).attach(engine)  # as train.json validates
     TimeBudget(1.5, validator=validator).attach(engine)
-    start = time.perf_counter()
-    engine.run(range(5), max_epochs=10_000)
-    took = time.perf_counter() - start
-    assert 1.2 < took < 2.5  # the budget, not 10,000 epochs, ended the run
-    assert engine.state.max_epochs == engine.state.epoch < 10_000
+    engine.run(range(4), max_epochs=10_000)
+    # 1.5 s at 1/16 s per epoch: 24 epochs (the first is warm-up, the second gives the speed), not 10,000
+    assert engine.state.epoch == engine.state.max_epochs == 24 and clock.now == 1.5
     assert lrs[0] == pytest.approx(0.05) and max(lrs) == pytest.approx(0.1)
-    assert lrs[-1] < 0.02  # decayed to (almost) zero by the last iteration: the schedule was not cut off
+    # from the third epoch on, the schedule is that of a 96-iteration run: not cut off, it ends near zero
+    assert lrs[8:] == pytest.approx([0.1 * lr_factor(i, 96, "poly", 2) for i in range(8, 96)])
+    assert lrs[-1] < 0.002
     assert opt.param_groups[0]["initial_lr"] == 0.1
-    assert validated == [engine.state.epoch]  # the last epoch is validated
+    assert validated == [10, 20, 24]  # the last epoch is validated too
     unlimited = Engine(lambda e, b: None)
     TimeBudget(None).attach(unlimited)
     assert unlimited.run([1], max_epochs=3).epoch == 3
+
+
+def test_time_budget_does_not_validate_the_last_epoch_twice(clock):
+    engine = Engine(lambda e, b: clock.tick(1 / 64))
+    validator = one_batch_evaluator()
+    validated = validations(validator)
+    ValidationHandler(interval=12, validator=validator).attach(engine)
+    TimeBudget(1.5, validator=validator).attach(engine)
+    engine.run(range(4), max_epochs=10_000)
+    assert engine.state.epoch == 24 and validated == [12, 24]
 
 
 def test_gradient_clipping_bounds_the_global_norm():
@@ -113,13 +155,36 @@ def test_ema_update_equals_timms_own_update_with_buffers():
         assert torch.equal(a, b), name
 
 
-def test_bf16_trainer_runs_without_loss_scaling_and_fp16_keeps_it():
-    for dtype, scaled in ((torch.bfloat16, False), (torch.float16, True)):
-        engine = SimpleNamespace(amp=True, amp_kwargs={"dtype": dtype}, scaler=torch.amp.GradScaler("cuda", enabled=torch.cuda.is_available()))
-        before = engine.scaler
-        NoLossScalingForBF16()(engine)
-        assert (engine.scaler is before) == scaled
-        assert scaled or not engine.scaler.is_enabled()
+# MONAI's trainer autocasts to "cuda" and makes a CUDA GradScaler whatever the device: without a GPU both
+# warn and switch themselves off, so on a CPU the step runs in float32 and only the handler's choice of
+# scaler is observable; on a GPU the float16 scaler is a live one and the prediction is in the amp dtype.
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available:UserWarning")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_bf16_trainer_runs_without_loss_scaling_and_fp16_keeps_it(dtype):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 2, 3, padding=1).to(device)
+    before = [p.detach().clone() for p in net.parameters()]
+    batch = {"image": torch.randn(2, 1, 8, 8), "label": torch.randn(2, 2, 8, 8)}
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=1, train_data_loader=[batch, batch], epoch_length=2, network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=lambda p, y: (p.float() - y).pow(2).mean(),
+        amp=True, amp_kwargs={"dtype": dtype},
+    )
+    made, used = [], []
+    trainer.add_event_handler(Events.STARTED, lambda e: made.append(e.scaler))  # registered first: Trainer.run's own scaler
+    NoLossScalingForBF16().attach(trainer)
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, lambda e: used.append(e.scaler))
+    trainer.run()
+    assert trainer.state.iteration == 2 and len(used) == 2 and made[0] is not None
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters())), "the optimiser did not step"
+    if dtype == torch.bfloat16:
+        assert all(s is not made[0] and not s.is_enabled() for s in used)
+    else:
+        assert all(s is made[0] for s in used)
+        assert made[0].is_enabled() == torch.cuda.is_available()
+    if device.type == "cuda":
+        assert trainer.state.output[0]["pred"].dtype == dtype
 
 
 def test_flip_tta_averages_probabilities_of_flipped_passes():

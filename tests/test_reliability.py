@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLE, SYNTHETIC, bundle_cmd, shared_data
+from conftest import BUNDLE, SHARED_DATA, SYNTHETIC, bundle_cmd, shared_data
 from msa2net.data.datalist import DatalistError, load_datalist
 from ignite.engine import Engine, Events
 from msa2net.handlers import BestMetricState, ResumeCheckpoint, atomic_torch_save
@@ -142,6 +143,7 @@ def test_good_cases_in_a_bad_batch_keep_their_geometry(corpus_run, corpus):
     np.testing.assert_allclose(np.abs(np.diag(seg.affine)[:3]), [0.8, 0.9, 2.5], atol=1e-5)
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "ct" / "dicom_series_20").is_dir(), reason="real CT DICOM series not available")
 def test_real_dicom_series_with_a_missing_slice_is_refused(trained_tiny, tmp_path):
     series = shared_data("ct", "dicom_series_20")
     broken = tmp_path / "inputs" / "ct_missing_slice"
@@ -189,8 +191,9 @@ def test_truncated_checkpoint_is_a_clear_error(trained_tiny, tmp_path):
 def test_atomic_save_keeps_the_previous_checkpoint_on_failure(tmp_path):
     path = tmp_path / "resume.pt"
     atomic_torch_save({"epoch": 1}, path)
-    with pytest.raises(Exception):
-        atomic_torch_save({"epoch": 2, "bad": lambda: None}, path)  # lambdas cannot be pickled
+    # a local lambda cannot be pickled: AttributeError up to Python 3.13, PicklingError from 3.14
+    with pytest.raises((AttributeError, pickle.PicklingError), match="[Cc]an't pickle"):
+        atomic_torch_save({"epoch": 2, "bad": lambda: None}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["resume.pt"]
 
