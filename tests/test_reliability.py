@@ -258,6 +258,8 @@ def test_resume_checkpoint_saves_a_new_best_between_intervals(tmp_path):
 def test_datalist_paths_cannot_escape_the_dataset_root(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
+    (tmp_path / "secret.nii.gz").touch()  # existing files: the refusal is for where they lie
+    (root / "l.nii.gz").touch()
     (root / "dataset.json").write_text(json.dumps({"training": [{"image": "../secret.nii.gz", "label": "l.nii.gz"}]}))
     with pytest.raises(DatalistError, match=r"dataset.json: image path .*secret.nii.gz lies outside the dataset root"):
         load_datalist(root / "dataset.json", "training")
