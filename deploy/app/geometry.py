@@ -12,12 +12,11 @@ fault, or the folder and Series Instance UID of the series.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from loading import files_folder
+from loading import series_name, source_file
 from selection import IMAGE_SOP_CLASSES
 
 from monai.data.utils import orientation_ras_lps
@@ -63,23 +62,9 @@ class SeriesGeometry:
         return orientation_ras_lps(self.lps_affine())
 
 
-def _source_file(ds) -> str | None:
-    """The file pydicom read ``ds`` from; ``None`` for a dataset made in memory."""
-    name = getattr(ds, "filename", None)
-    return os.fspath(name) if isinstance(name, (str, os.PathLike)) else None
-
-
 def _instance_name(ds) -> str:
     """The instance's file, which a user can find (its SOP Instance UID only where there is no file)."""
-    return _source_file(ds) or f"instance {ds.get('SOPInstanceUID')}"
-
-
-def _series_name(datasets: Sequence) -> str:
-    """``<folder> (series <UID>)``: the folder holding the series' files and its Series Instance UID."""
-    uids = ", ".join(sorted({str(ds.get("SeriesInstanceUID") or "") for ds in datasets} - {""}))
-    folder = files_folder(f for f in map(_source_file, datasets) if f)
-    series = f"series {uids}" if uids else "the series"
-    return f"{folder} ({series})" if folder else series
+    return source_file(ds) or f"instance {ds.get('SOPInstanceUID')}"
 
 
 def _floats(ds, key: str, n: int, where: str) -> np.ndarray:
@@ -116,7 +101,7 @@ def check_series(datasets: Sequence, rel_tol: float = 0.01, abs_tol: float = 0.0
     Orientations and pixel spacings must agree within 1e-4; slice positions follow
     :func:`msa2net.dicom.order_slices` with ``rel_tol`` and ``abs_tol``.
     """
-    series, n = _series_name(datasets), len(datasets)
+    series, n = series_name(datasets), len(datasets)
     if n < 2:
         raise SeriesGeometryError(f"{series}: {n} image(s); at least 2 slices are needed to define a volume.")
     classes = {str(ds.get("SOPClassUID", "")) for ds in datasets}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from msa2net.errors import InputError
 
 __all__ = [
     "DICOMDIR_SOP_CLASS", "DerivedIdentifiers", "DICOMFolderLoaderOperator", "repair_identifiers", "files_folder",
+    "series_name", "source_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,20 @@ def files_folder(files: Iterable[str]) -> str | None:
     """The deepest folder holding all of ``files`` (absolute), or ``None`` where there are none."""
     folders = [os.path.dirname(os.path.abspath(f)) for f in files]
     return os.path.commonpath(folders) if folders else None
+
+
+def source_file(ds) -> str | None:
+    """The file pydicom read ``ds`` from; ``None`` for a dataset made in memory."""
+    name = getattr(ds, "filename", None)
+    return os.fspath(name) if isinstance(name, (str, os.PathLike)) else None
+
+
+def series_name(datasets: Sequence) -> str:
+    """``<folder> (series <UID>)``: the folder holding the series' files and its Series Instance UID."""
+    uids = ", ".join(sorted({str(ds.get("SeriesInstanceUID") or "") for ds in datasets} - {""}))
+    folder = files_folder(f for f in map(source_file, datasets) if f)
+    series = f"series {uids}" if uids else "the series"
+    return f"{folder} ({series})" if folder else series
 
 
 @dataclass

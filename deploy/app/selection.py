@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from loading import DerivedIdentifiers
+from loading import DerivedIdentifiers, files_folder, series_name, source_file
 
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 from msa2net.errors import InputError
@@ -92,8 +92,12 @@ class GuardedSeriesSelectorOperator(DICOMSeriesSelectorOperator):
         selected = super().filter(selection_rules, dicom_study_list, all_matched, sort_by_sop_instance_count)
         if not selected:
             wanted = "/".join(self.declared.modalities) or "CT or MR"
+            files = (
+                source_file(instance.get_native_sop_instance())
+                for study in dicom_study_list or [] for series in study.get_all_series() for instance in series.get_sop_instances()
+            )
             raise InputError(
-                f"no series matches the selection rules (single-frame {wanted} image storage; the model is for {wanted}, "
+                f"{files_folder(f for f in files if f) or 'the input'}: no series matches the selection rules (single-frame {wanted} image storage; the model is for {wanted}, "
                 f"from the bundle's metadata.json); the input holds: {describe_studies(dicom_study_list)}"
                 + ("" if self.allow_mismatch else ". --allow-input-mismatch selects a CT or MR series of another modality (research use only).")
             )
@@ -102,7 +106,7 @@ class GuardedSeriesSelectorOperator(DICOMSeriesSelectorOperator):
         first = series.get_sop_instances()[0].get_native_sop_instance()
         facts = facts_from_meta(
             {"Modality": first.get("Modality"), "BodyPartExamined": first.get("BodyPartExamined")},
-            source=f"the series {series.SeriesInstanceUID}",
+            source=series_name([instance.get_native_sop_instance() for instance in series.get_sop_instances()]),
         )
         problem = input_mismatch(self.declared, facts)
         if problem and not self.allow_mismatch:

@@ -210,7 +210,7 @@ def test_missing_slice_is_an_error_naming_the_folder_and_series(threshold_bundle
 def test_non_image_objects_only_is_an_error(threshold_bundle, tmp_path):
     write_non_image(tmp_path / "input", "sr")
     write_non_image(tmp_path / "input", "sc")
-    _expect_failure(tmp_path, tmp_path / "input", threshold_bundle, "no series matches the selection rules")
+    _expect_failure(tmp_path, tmp_path / "input", threshold_bundle, f"{tmp_path / 'input'}: no series matches the selection rules")
 
 
 def test_mixed_sizes_in_one_series_is_an_error_naming_the_file(threshold_bundle, tmp_path):
@@ -263,7 +263,8 @@ def _set_on_every_file(folder: Path, **attributes) -> None:
 def test_ct_series_into_the_mr_model_is_refused_and_the_override_runs_it(msa2net_bundle, tmp_path):
     """The MSA2-Net bundle declares cardiac MR (metadata.json): a CT series is refused, unless overridden."""
     write_series(tmp_path / "input", "CT")
-    line = _expect_failure(tmp_path, tmp_path / "input", msa2net_bundle, "the model is for MR")
+    line = _expect_failure(tmp_path, tmp_path / "input", msa2net_bundle, f"{tmp_path / 'input'}: no series matches")
+    assert "the model is for MR" in line
     assert "the input holds: CT series" in line and "--allow-input-mismatch" in line
     start_app(tmp_path / "input", tmp_path / "app_out", msa2net_bundle, "--allow-input-mismatch").check()
     seg = pydicom.dcmread(_only(tmp_path / "app_out", "*.dcm"))
@@ -274,7 +275,11 @@ def test_ct_series_into_the_mr_model_is_refused_and_the_override_runs_it(msa2net
 def test_mr_series_of_another_body_part_is_refused(msa2net_bundle, tmp_path):
     write_series(tmp_path / "input", "MR", shape=(6, 40, 40))
     _set_on_every_file(tmp_path / "input", BodyPartExamined="ABDOMEN")
-    _expect_failure(tmp_path, tmp_path / "input", msa2net_bundle, "is body part ABDOMEN, the model is for HEART/CHEST/THORAX")
+    uid = pydicom.dcmread(next((tmp_path / "input").iterdir())).SeriesInstanceUID
+    _expect_failure(
+        tmp_path, tmp_path / "input", msa2net_bundle,
+        f"{tmp_path / 'input'} (series {uid}) is body part ABDOMEN, the model is for HEART/CHEST/THORAX",
+    )
 
 
 def test_series_without_study_and_series_uids_is_refused_or_derived_on_request(threshold_bundle, tmp_path):
