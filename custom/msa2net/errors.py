@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["InputError", "input_error_line", "one_line_input_errors"]
+__all__ = ["InputError", "input_error_line", "one_line_input_errors", "source_name"]
 
 
 class InputError(ValueError):
     """An input the pipeline cannot segment correctly; the message names the file and the problem."""
+
+
+def source_name(x, fallback: str) -> str:
+    """The file a MONAI ``MetaTensor`` was read from (its ``filename_or_obj``), for messages; ``fallback`` without one."""
+    meta = getattr(x, "meta", None) or {}
+    return str(meta.get("filename_or_obj") or fallback)
 
 
 _RERAISED = f"{InputError.__module__}.{InputError.__qualname__}: "

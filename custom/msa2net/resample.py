@@ -35,7 +35,7 @@ from monai.transforms import MapTransform
 from monai.transforms.utils import scale_affine
 from monai.utils import TraceKeys
 
-from msa2net.errors import InputError
+from msa2net.errors import InputError, source_name
 
 __all__ = [
     "ResizeImaged", "ResizeLabeld", "RestoreLabeld", "check_label_classes", "resize_image", "resize_label", "restore_label",
@@ -46,10 +46,6 @@ _RESIZE_OPS = ("Resize", "Resized", "ResizeImaged")
 
 def _plain(x) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-
-
-def _source(x) -> str:
-    return str((getattr(x, "meta", None) or {}).get("filename_or_obj", "<in-memory label>"))
 
 
 def _chunks(depth: int, size: int):
@@ -147,7 +143,7 @@ def resize_label(label: torch.Tensor, plane: Sequence[int], num_classes: int | N
     lo, hi = (int(v) for v in torch.aminmax(lbl))
     if lo < 0 or hi > 255:
         raise InputError(f"label values must be whole numbers in [0, 255], found values in [{lo}, {hi}].")
-    if num_classes:
+    if num_classes and hi >= num_classes:
         check_label_classes(lbl, num_classes)
     k = int(num_classes or hi + 1)
     depth = lbl.shape[-1] if lbl.ndim == 4 else 1
@@ -246,7 +242,7 @@ class ResizeLabeld(MapTransform):
             try:
                 small = resize_label(d[key], self.plane, self.num_classes)
             except InputError as err:
-                raise InputError(f"{_source(d[key])}: {err}") from None
+                raise InputError(f"{source_name(d[key], '<in-memory label>')}: {err}") from None
             d[key] = _with_geometry(small, d[key], self.plane)
         return d
 

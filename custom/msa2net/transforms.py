@@ -11,15 +11,14 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from msa2net.errors import InputError
+from msa2net.errors import InputError, source_name
 from msa2net.resample import check_label_classes
 
 __all__ = ["InputError", "ValidateImaged", "ValidateLabelClassesd"]
 
 
-def _source(img) -> str:
-    meta = getattr(img, "meta", {}) or {}
-    return str(meta.get("filename_or_obj", "<in-memory image>"))
+def _source(x) -> str:
+    return source_name(x, "<in-memory image>")
 
 
 class ValidateImaged(MapTransform):

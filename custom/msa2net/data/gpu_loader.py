@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from msa2net.data.augment import SliceAugmentation
-from msa2net.errors import InputError
+from msa2net.errors import InputError, source_name
 
 __all__ = ["GPUSliceLoader", "stack_slices"]
 
@@ -37,8 +37,7 @@ def _name(item, key: str, index: int) -> str:
     """The file ``item[key]`` was loaded from (MetaTensor metadata), else ``dataset item <index>``."""
     if isinstance(item, (list, tuple)):
         item = item[0] if item else {}
-    meta = getattr(item.get(key) if isinstance(item, Mapping) else None, "meta", None) or {}
-    return str(meta.get("filename_or_obj") or f"dataset item {index}")
+    return source_name(item.get(key) if isinstance(item, Mapping) else None, f"dataset item {index}")
 
 
 def stack_slices(
