@@ -96,8 +96,9 @@ class GuardedSeriesSelectorOperator(DICOMSeriesSelectorOperator):
                 source_file(instance.get_native_sop_instance())
                 for study in dicom_study_list or [] for series in study.get_all_series() for instance in series.get_sop_instances()
             )
+            folder = files_folder(f for f in files if f) or "the input"
             raise InputError(
-                f"{files_folder(f for f in files if f) or 'the input'}: no series matches the selection rules (single-frame {wanted} image storage; the model is for {wanted}, "
+                f"{folder}: no series matches the selection rules (single-frame {wanted} image storage; the model is for {wanted}, "
                 f"from the bundle's metadata.json); the input holds: {describe_studies(dicom_study_list)}"
                 + ("" if self.allow_mismatch else ". --allow-input-mismatch selects a CT or MR series of another modality (research use only).")
             )
