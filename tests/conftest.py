@@ -38,6 +38,12 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def needs_shared_data(*parts: str):
+    """Skip mark for a test that needs ``SHARED_DATA/<parts>``, decided before its fixtures run (some train a model)."""
+    path = SHARED_DATA.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"real data not available at {path}")
+
+
 @pytest.fixture(scope="session")
 def volume_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("volumes")

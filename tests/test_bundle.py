@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BUNDLE, SHARED_DATA, SYNTHETIC, bundle_cmd, shared_data
+from conftest import BUNDLE, SYNTHETIC, bundle_cmd, needs_shared_data, shared_data
 from msa2net.bundle_tools import export_bundle
 
-needs_ct_series = pytest.mark.skipif(not (SHARED_DATA / "ct" / "dicom_series_20").is_dir(), reason="real CT DICOM series not available")
+needs_ct_series = needs_shared_data("ct", "dicom_series_20")
 
 
 def _oblique_affine() -> np.ndarray:

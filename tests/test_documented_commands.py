@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLE, ROOT, SHARED_DATA
+from conftest import BUNDLE, ROOT, SHARED_DATA, needs_shared_data
 
 DOCS = [ROOT / "README.md", BUNDLE / "docs" / "README.md"]
 
@@ -111,7 +111,7 @@ def test_every_command_is_run_or_skipped_for_a_reason():
     assert any(c.startswith("msa2net publish") for c in runnable), commands
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "acdc").is_dir(), reason="real ACDC data not available")
+@needs_shared_data("acdc")
 def test_documented_commands_run_as_written_from_another_folder(tmp_path):
     """In document order from a folder outside the checkout: train, evaluate, segment, publish, export."""
     cwd = tmp_path / "work"

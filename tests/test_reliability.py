@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLE, SHARED_DATA, SYNTHETIC, bundle_cmd, shared_data
+from conftest import BUNDLE, SYNTHETIC, bundle_cmd, needs_shared_data, shared_data
 from msa2net.data.datalist import DatalistError, load_datalist
 from ignite.engine import Engine, Events
 from msa2net.handlers import BestMetricState, ResumeCheckpoint, atomic_torch_save
@@ -143,7 +143,7 @@ def test_good_cases_in_a_bad_batch_keep_their_geometry(corpus_run, corpus):
     np.testing.assert_allclose(np.abs(np.diag(seg.affine)[:3]), [0.8, 0.9, 2.5], atol=1e-5)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "ct" / "dicom_series_20").is_dir(), reason="real CT DICOM series not available")
+@needs_shared_data("ct", "dicom_series_20")
 def test_real_dicom_series_with_a_missing_slice_is_refused(trained_tiny, tmp_path):
     series = shared_data("ct", "dicom_series_20")
     broken = tmp_path / "inputs" / "ct_missing_slice"
