@@ -18,7 +18,7 @@ from msa2net.data.synthetic import make_volume_dataset
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "scripts" / "gpu" / "detached.py"
 sys.path.insert(0, str(DRIVER.parent))
-from detached import alive, send_weights  # noqa: E402
+from detached import alive, join_parts, send_weights  # noqa: E402
 
 
 def driver(*args, timeout=600):
@@ -41,8 +41,7 @@ def packages(out: Path) -> dict:
 
 
 def parts_sha256(out: Path, stem: str) -> str:
-    parts = sorted(out.glob(f"{stem}.part*"), key=lambda p: int(p.suffix.removeprefix(".part")))
-    return hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
+    return hashlib.sha256(join_parts(out, stem)).hexdigest()
 
 
 def wait_for_end(work: Path, timeout: float = 300) -> None:
@@ -149,15 +148,15 @@ def test_the_file_limit_rotates_packages_and_changed_weights_are_sent_again(tmp_
     save("final", 2.0)
     wanted = [("a", "best"), ("a", "final")]
     states = []
-    for i, changed in enumerate((None, None, "best")):
-        if changed:
-            save(changed, 3.0)
+    for i, changed in enumerate((False, True, False)):
+        if changed:  # new best weights after the first watch: the package never sent still goes first
+            save("best", 3.0)
         records = send_weights(work, wanted, out, max_bytes=1e9, max_parts=1, now=f"2026-01-01T00:00:0{i}")
-        states.append({which: r["state"] for (_, which), r in records.items()})
+        states.append([(which, r["state"]) for (_, which), r in records.items()])
     assert states == [
-        {"best": "written", "final": "deferred"},
-        {"final": "written", "best": "unchanged"},
-        {"best": "written", "final": "unchanged"},  # sent longest ago, and new weights
+        [("best", "written"), ("final", "deferred")],
+        [("final", "written"), ("best", "deferred")],
+        [("best", "written"), ("final", "unchanged")],  # sent longest ago, with new weights
     ]
     assert records["a", "final"]["sent_at"] == "2026-01-01T00:00:01"
     best = torch.load(out / "a_best_fp16.pt.part0", weights_only=True)["model"]["w"]
