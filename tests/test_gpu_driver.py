@@ -1,5 +1,6 @@
 """scripts/gpu/detached.py on the CPU: a detached training, watched, brought back in parts, joined, and continued."""
 
+import hashlib
 import json
 import os
 import re
@@ -10,13 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from msa2net.data.synthetic import make_volume_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "scripts" / "gpu" / "detached.py"
 sys.path.insert(0, str(DRIVER.parent))
-from detached import alive  # noqa: E402
+from detached import alive, join_parts, send_weights  # noqa: E402
 
 
 def driver(*args, timeout=600):
@@ -24,6 +26,22 @@ def driver(*args, timeout=600):
     proc = subprocess.run([sys.executable, str(DRIVER), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def join_weights(parts_dir: Path, stem: str, dest: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu" / "join_weights.py"), str(parts_dir), "--stem", stem, "--preset", "tiny",
+         "--num_classes", "3", "--dest", str(dest), *extra],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "custom")}, capture_output=True, text=True,
+    )
+
+
+def packages(out: Path) -> dict:
+    return json.loads((out / "status.json").read_text())["runs"]["first"]["packages"]
+
+
+def parts_sha256(out: Path, stem: str) -> str:
+    return hashlib.sha256(join_parts(out, stem)).hexdigest()
 
 
 def wait_for_end(work: Path, timeout: float = 300) -> None:
@@ -64,11 +82,7 @@ def test_parts_join_to_the_recorded_weights_and_a_fresh_run_continues_from_them(
     package = json.loads((out / "status.json").read_text())["runs"]["first"]["packages"]["latest"]
     assert package["parts"] == len(list(out.glob(f"{package['stem']}.part*"))) >= 1
     joined = tmp_path / "model.pt"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu" / "join_weights.py"), str(out), "--stem", package["stem"], "--preset", "tiny",
-         "--num_classes", "3", "--dest", str(joined)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "custom")}, capture_output=True, text=True,
-    )
+    proc = join_weights(out, package["stem"], joined)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["sha256"] == package["sha256"] and joined.is_file()
     # warm restart on a "fresh host": a new work folder, weights from the parts only
@@ -80,3 +94,70 @@ def test_parts_join_to_the_recorded_weights_and_a_fresh_run_continues_from_them(
     assert "--init_ckpt" in second["overrides"] and second["epochs_done"] >= 1
     assert second["evaluations"]["final"]["num_cases"] == 1  # evaluated without the training-only --init_ckpt
     assert "Traceback" not in "\n".join(second["log_tail"])
+
+
+def test_a_second_watch_does_not_send_unchanged_weights_again(watched, tmp_path):
+    tmp, _, _, out = watched
+    again = tmp_path / "out"
+    printed = driver("watch", "--work", str(tmp / "work"), "--out", str(again), "--wait_s", "0", "--weights", "first:latest")
+    sent, unchanged = packages(out)["latest"], packages(again)["latest"]
+    assert sent["state"] == "written" and unchanged["state"] == "unchanged"
+    assert unchanged["sha256"] == sent["sha256"] == parts_sha256(out, sent["stem"]) and unchanged["stem"] == sent["stem"]
+    assert unchanged["sent_at"] == json.loads((out / "status.json").read_text())["time"]
+    assert sorted(p.name for p in again.iterdir()) == ["logs.tar.gz", "status.json"]
+    assert f"first:latest: unchanged since the watch of {unchanged['sent_at']}" in printed
+    # the earlier call's parts, checked against this call's record
+    proc = join_weights(out, sent["stem"], tmp_path / "model.pt", "--record", str(again))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["sha256_matches_device"]
+
+
+def test_weights_that_do_not_fit_come_back_with_the_next_watch(watched, tmp_path):
+    tmp, _, _, out = watched
+    # room for one package of this network, not for two
+    max_mb = 1.5 * packages(out)["latest"]["bytes"] / 1e6
+    args = ["--work", str(tmp / "work"), "--wait_s", "0", "--max_mb", str(max_mb), "--weights", "first:best", "--weights", "first:final"]
+    printed = [driver("watch", *args, "--out", str(tmp_path / f"w{i}")) for i in (1, 2)]
+    first, second = packages(tmp_path / "w1"), packages(tmp_path / "w2")
+    sizes = [first["best"]["bytes"], second["final"]["bytes"]]
+    assert max(sizes) <= max_mb * 1e6 < sum(sizes)
+    assert first["best"]["state"] == "written" and first["final"]["state"] == "deferred" and "sha256" not in first["final"]
+    assert first["final"]["bytes"] == second["final"]["bytes"] and first["final"]["last_sent_at"] is None
+    # the next watch tries the package never sent first, and the one just sent is unchanged
+    assert second["final"]["state"] == "written" and second["best"]["state"] == "unchanged"
+    assert list(second) == ["final", "best"]
+    assert parts_sha256(tmp_path / "w1", "first_best_fp16.pt") == first["best"]["sha256"] == second["best"]["sha256"]
+    assert parts_sha256(tmp_path / "w2", "first_final_fp16.pt") == second["final"]["sha256"]
+    assert not list((tmp_path / "w1").glob("first_final*")) and not list((tmp_path / "w2").glob("first_best*"))
+    assert "first:final: deferred" in printed[0] and "first:best: written" in printed[0]
+    assert "first:final: written" in printed[1] and "first:best: unchanged" in printed[1]
+    host_record = json.loads((tmp / "work" / "first" / "sent.json").read_text())
+    assert host_record["best"]["sha256"] == first["best"]["sha256"] and host_record["final"]["sha256"] == second["final"]["sha256"]
+
+
+def test_the_file_limit_rotates_packages_and_changed_weights_are_sent_again(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "a" / "models").mkdir(parents=True)
+    (work / "a" / "job.json").write_text("{}")
+    out.mkdir()
+
+    def save(which: str, value: float) -> None:
+        torch.save({"model": {"w": torch.full((4, 4), value)}}, work / "a" / "models" / {"best": "model.pt", "final": "model_final.pt"}[which])
+
+    save("best", 1.0)
+    save("final", 2.0)
+    wanted = [("a", "best"), ("a", "final")]
+    states = []
+    for i, changed in enumerate((False, True, False)):
+        if changed:  # new best weights after the first watch: the package never sent still goes first
+            save("best", 3.0)
+        records = send_weights(work, wanted, out, max_bytes=1e9, max_parts=1, now=f"2026-01-01T00:00:0{i}")
+        states.append([(which, r["state"]) for (_, which), r in records.items()])
+    assert states == [
+        [("best", "written"), ("final", "deferred")],
+        [("final", "written"), ("best", "deferred")],
+        [("best", "written"), ("final", "unchanged")],  # sent longest ago, with new weights
+    ]
+    assert records["a", "final"]["sent_at"] == "2026-01-01T00:00:01"
+    best = torch.load(out / "a_best_fp16.pt.part0", weights_only=True)["model"]["w"]
+    assert best.dtype == torch.float16 and torch.equal(best, torch.full((4, 4), 3.0, dtype=torch.float16))

@@ -6,6 +6,10 @@ that started it), and consecutive commands *watch* it: each waits up to a given 
 training logs and, for the runs named, the latest weights in float16, split into parts of at most
 16 MiB, into the folder that comes back. If the host is lost, a fresh one continues from those parts
 (``start --init_parts``: a warm restart from the weights, with a new optimiser and schedule).
+A watch writes at most ``--max_mb`` (60 MB) of weights in at most ``--max_parts`` (6) files, what fits
+beside the logs in what comes back: packages are tried least recently sent first, one unchanged since it
+was last sent is not sent again, and one that does not fit waits for a later watch, so consecutive
+watches rotate through the runs and bring every run's newest weights back.
 
 Run from the repository root on the device machine, after the stage prefix
 (monai, nibabel, pytorch-ignite and fire installed where the image lacks them; the data set under ``.gpudata/acdc``) and ``export PYTHONPATH=$PWD/custom:$PYTHONPATH``::
@@ -19,8 +23,10 @@ Run from the repository root on the device machine, after the stage prefix
 Each ``start`` trains with the bundle's ``train.json``, the dataset profile, ``gpu_train.json`` and any
 ``+FILE`` configs, and ``--time_budget_s`` so that the schedule ends with the budget. ``watch`` writes
 ``$OUT/status.json`` (per run: alive, epochs, validation curve with seconds since the trainer started,
-first time each Dice threshold was reached, evaluations, parts with their SHA-256) and
-``$OUT/logs.tar.gz``. ``scripts/gpu/join_weights.py`` reassembles and checks the parts.
+first time each Dice threshold was reached, evaluations, and each weights package with its size: written
+or unchanged with its SHA-256 and the watch that wrote it, or deferred) and ``$OUT/logs.tar.gz``.
+``scripts/gpu/join_weights.py`` reassembles and checks the parts (for an unchanged package, those of the
+call that wrote them).
 """
 
 from __future__ import annotations
@@ -100,8 +106,8 @@ def start(args: argparse.Namespace) -> None:
     print(f"started {args.name} (pid {proc.pid}) on GPU {args.gpu}: {job['command']}", flush=True)
 
 
-def float16_parts(run: Path, which: str, out: Path) -> dict:
-    """Write ``which`` weights of ``run`` as float16 ``{"model": state_dict}`` parts; return their record."""
+def float16_package(run: Path, which: str) -> tuple[bytes, dict]:
+    """``which`` weights of ``run`` as a float16 ``{"model": state_dict}`` file, and its record."""
     import torch
 
     src = run / "models" / WHICH[which]
@@ -112,12 +118,61 @@ def float16_parts(run: Path, which: str, out: Path) -> dict:
     buf = io.BytesIO()
     torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}}, buf)
     raw = buf.getvalue()
-    stem = f"{run.name}_{which}_fp16.pt"
-    n = 0
-    for n, i in enumerate(range(0, len(raw), PART_BYTES)):
-        (out / f"{stem}.part{n}").write_bytes(raw[i : i + PART_BYTES])
-    return {"stem": stem, "parts": n + 1, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
-            "source_mtime": src.stat().st_mtime}
+    return raw, {"stem": f"{run.name}_{which}_fp16.pt", "parts": -(-len(raw) // PART_BYTES), "bytes": len(raw),
+                 "sha256": hashlib.sha256(raw).hexdigest(), "source_mtime": src.stat().st_mtime}
+
+
+def send_weights(work: Path, packages: list[tuple[str, str]], out: Path, max_bytes: float, max_parts: int, now: str) -> dict:
+    """Write the ``(run, which)`` packages that fit into ``out`` as parts; return a record per package.
+
+    Packages are tried least recently sent first (never sent first; ties keep their order). One whose
+    SHA-256 is the one last sent for its run and ``which`` is not written again (``unchanged``); one that
+    does not fit in the bytes or files left is ``deferred``. ``<work>/<run>/sent.json`` keeps, per
+    ``which``, the SHA-256 and watch time of the parts last written.
+    """
+    sent = {}
+    for name in dict.fromkeys(name for name, _ in packages):
+        path = work / name / "sent.json"
+        sent[name] = json.loads(path.read_text()) if path.is_file() else {}
+    order = sorted(dict.fromkeys(packages), key=lambda p: sent[p[0]].get(p[1], {}).get("time", ""))
+    records, bytes_left, parts_left = {}, max_bytes, max_parts
+    for name, which in order:
+        last = sent[name].get(which, {})
+        try:
+            if not (work / name / "job.json").is_file():
+                raise FileNotFoundError(f"no run {name!r} in {work}")
+            raw, record = float16_package(work / name, which)
+            if record["sha256"] == last.get("sha256"):
+                record.update(state="unchanged", sent_at=last["time"])
+            elif len(raw) <= bytes_left and record["parts"] <= parts_left:
+                for n, i in enumerate(range(0, len(raw), PART_BYTES)):
+                    (out / f"{record['stem']}.part{n}").write_bytes(raw[i : i + PART_BYTES])
+                bytes_left, parts_left = bytes_left - len(raw), parts_left - record["parts"]
+                sent[name][which] = {"sha256": record["sha256"], "time": now}
+                atomic_write_text(work / name / "sent.json", json.dumps(sent[name], indent=1))
+                record["state"] = "written"
+            else:
+                # the digest belongs to parts that did not come back: only the size is recorded
+                del record["sha256"]
+                never = len(raw) > max_bytes or record["parts"] > max_parts
+                record.update(state="deferred", last_sent_at=last.get("time"), reason=(
+                    f"larger than --max_mb {max_bytes / 1e6:g} or --max_parts {max_parts}: it never fits" if never else
+                    f"{len(raw) / 1e6:.1f} MB in {record['parts']} parts; {bytes_left / 1e6:.1f} MB in {parts_left} parts left"))
+        except Exception as e:  # noqa: BLE001 - the logs must come back even when one package fails
+            record = {"state": "error", "error": repr(e)}
+        records[name, which] = record
+    return records
+
+
+def package_line(name: str, which: str, record: dict) -> str:
+    state = record["state"]
+    if state == "written":
+        return f"{name}:{which}: written, {record['bytes'] / 1e6:.1f} MB in {record['parts']} parts, sha256 {record['sha256']}"
+    if state == "unchanged":
+        return f"{name}:{which}: unchanged since the watch of {record['sent_at']}, sha256 {record['sha256']}"
+    if state == "deferred":
+        return f"{name}:{which}: deferred, {record['reason']}"
+    return f"{name}:{which}: error {record['error']}"
 
 
 def evaluate(run: Path, job: dict, which: str, dataset_dir: str) -> dict:
@@ -168,15 +223,13 @@ def watch(args: argparse.Namespace) -> None:
     deadline = time.time() + args.wait_s
     while time.time() < deadline and any(alive(json.loads((r / "job.json").read_text())["pid"]) for r in runs):
         time.sleep(min(10.0, max(0.0, deadline - time.time())))
-    status = {"time": datetime.now().isoformat(), "env": environment(), "runs": {}}
+    status = {"time": datetime.now().isoformat(timespec="microseconds"), "env": environment(), "runs": {}}
     for run in runs:
         status["runs"][run.name] = run_status(run)
-    for spec in args.weights:
-        name, _, which = spec.partition(":")
-        try:
-            status["runs"][name].setdefault("packages", {})[which or "latest"] = float16_parts(work / name, which or "latest", out)
-        except Exception as e:  # noqa: BLE001 - the logs must come back even when one package fails
-            status["runs"].get(name, {}).setdefault("packages", {})[which] = {"error": repr(e)}
+    packages = send_weights(work, args.weights, out, args.max_mb * 1e6, args.max_parts, status["time"])
+    for (name, which), record in packages.items():
+        holder = status["runs"][name] if name in status["runs"] else status.setdefault("unknown_runs", {}).setdefault(name, {})
+        holder.setdefault("packages", {})[which] = record
     if args.evaluate:  # all at once: each evaluation is mostly process start-up and data loading
         ended = [(run, status["runs"][run.name]) for run in runs if not status["runs"][run.name]["alive"]]
         with ThreadPoolExecutor(max_workers=2 * len(ended) or 1) as pool:
@@ -191,6 +244,15 @@ def watch(args: argparse.Namespace) -> None:
     for name, st in status["runs"].items():
         print(f"{name}: alive={st['alive']} epochs={st['epochs_done']} trainer_s={st['trainer_s']} best={st['best_val']} "
               f"evals={json.dumps(st.get('evaluations', {}))[:400]}", flush=True)
+    for (name, which), record in packages.items():
+        print(package_line(name, which, record), flush=True)
+
+
+def package_spec(spec: str) -> tuple[str, str]:
+    name, _, which = spec.partition(":")
+    if which and which not in WHICH:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the weights are one of {', '.join(WHICH)}")
+    return name, which or "latest"
 
 
 def main() -> None:
@@ -211,7 +273,9 @@ def main() -> None:
     w.add_argument("--work", default="/tmp/detached")
     w.add_argument("--out", required=True)
     w.add_argument("--wait_s", type=float, default=540.0, help="wait at most this long for the runs to end")
-    w.add_argument("--weights", action="append", default=[], help="RUN:best|final|latest (repeat)")
+    w.add_argument("--weights", action="append", default=[], type=package_spec, help="RUN:best|final|latest (repeat)")
+    w.add_argument("--max_mb", type=float, default=60.0, help="weights parts written, in MB (10^6 bytes), at most")
+    w.add_argument("--max_parts", type=int, default=6, help="weights part files written at most")
     w.add_argument("--evaluate", action="store_true", help="evaluate best and final weights of runs that ended")
     args = ap.parse_args()
     if args.verb == "start" and args.init_parts and not args.init_stem:
