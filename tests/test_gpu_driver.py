@@ -18,7 +18,7 @@ from msa2net.data.synthetic import make_volume_dataset
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "scripts" / "gpu" / "detached.py"
 sys.path.insert(0, str(DRIVER.parent))
-from detached import alive, join_parts, send_weights  # noqa: E402
+from detached import WHICH, alive, join_parts, send_weights  # noqa: E402
 
 
 def driver(*args, timeout=600):
@@ -142,7 +142,7 @@ def test_the_file_limit_rotates_packages_and_changed_weights_are_sent_again(tmp_
     out.mkdir()
 
     def save(which: str, value: float) -> None:
-        torch.save({"model": {"w": torch.full((4, 4), value)}}, work / "a" / "models" / {"best": "model.pt", "final": "model_final.pt"}[which])
+        torch.save({"model": {"w": torch.full((4, 4), value)}}, work / "a" / "models" / WHICH[which])
 
     save("best", 1.0)
     save("final", 2.0)
